@@ -13,6 +13,7 @@ chat: setup
 	$(BIN)/bayling demo
 
 test: setup
+	scripts/install-test-tools.sh
 	$(BIN)/python -m pytest -ra
 
 setup: $(STAMP)
