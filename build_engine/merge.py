@@ -797,7 +797,8 @@ def _run(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Options) -
             (out / MANIFEST).unlink()
 
         todo = [s for s in plan.shards if s.name not in done]
-        need = sum(s.size for s in todo) + sum(p.stat().st_size for p in side) + 1024 * 1024
+        need = (sum(s.size for s in todo) + sum(p.stat().st_size for p in side)
+                + 16384 + 1024 * len(plan.tensors))  # + index, journal and manifest
         free = shutil.disk_usage(_existing_ancestor(out)).free
         if free < need + opts.keep_free:
             raise BaylingError(f"not enough free disk space for {out}: the output needs {format_bytes(need)} more and "
