@@ -46,11 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bayling.build_engine import default_model
+    from bayling.paths import default_engine_dir
 
     if args.default:
         if args.target != "cpu":
             raise BaylingError("--default builds the CPU engine of the embedded model; use --model for --target trtllm")
-        output = args.output or default_model.default_engine_dir()
+        output = args.output or default_engine_dir()
         model_dir = default_model.default_checkpoint()
         name = args.name or default_model.MODEL_NAME
     else:

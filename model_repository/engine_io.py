@@ -1,0 +1,81 @@
+"""The CPU `tensorrt_llm` model's request and response tensors, as TensorRT-LLM's backend
+reads and writes them (tensorrtllm_backend v0.17.0, inflight_batcher_llm)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bayling.errors import InvalidInput
+from bayling.tokenization import parse_word_list
+from bayling.model_repository.engine_ct2 import EngineRequest, Emission
+from bayling.model_repository.triton_io import scalar
+
+UNSUPPORTED_ON_CPU = {
+    "return_context_logits": "context logits",
+    "return_generation_logits": "generation logits",
+}
+
+
+def is_stop_request(inputs: dict[str, np.ndarray]) -> bool:
+    return bool(scalar(inputs, "stop", False))
+
+
+def engine_request(inputs: dict[str, np.ndarray], request_id: str, exclude_input_default: bool = True) -> tuple[EngineRequest, bool]:
+    """The request, and whether the output should repeat the input ids (exclude_input_in_output false)."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        raise InvalidInput("input_ids", "is required")
+    ids = ids.reshape(-1)
+    length = scalar(inputs, "input_lengths", len(ids))
+    if not 0 < length <= len(ids):
+        raise InvalidInput("input_lengths", f"must be between 1 and the {len(ids)} ids given, got {length}")
+    if scalar(inputs, "beam_width", 1) != 1:
+        raise InvalidInput("beam_width", "the CPU engine does not do beam search; use 1")
+    for name, what in UNSUPPORTED_ON_CPU.items():
+        if scalar(inputs, name, False):
+            raise InvalidInput(name, f"{what} are not available from the CPU engine")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if scalar(inputs, name, 0.0):
+            raise InvalidInput(name, "is not supported by the CPU engine (CTranslate2); leave it at 0")
+    bias = inputs.get("embedding_bias")
+    if bias is not None and bias.size and np.any(bias):
+        raise InvalidInput("embedding_bias", "is not supported by the CPU engine")
+    stop = inputs.get("stop_words_list")
+    bad = inputs.get("bad_words_list")
+    streaming = bool(scalar(inputs, "streaming", False))
+    request = EngineRequest(
+        request_id=request_id,
+        input_ids=[int(t) for t in ids[:length]],
+        max_new_tokens=int(scalar(inputs, "request_output_len")),
+        end_id=scalar(inputs, "end_id"),
+        stop_words=parse_word_list(stop) if stop is not None and stop.size else [],
+        bad_words=parse_word_list(bad) if bad is not None and bad.size else [],
+        temperature=float(scalar(inputs, "temperature", 1.0)),
+        top_k=int(scalar(inputs, "runtime_top_k", 0)),
+        top_p=float(scalar(inputs, "runtime_top_p", 0.0)),
+        repetition_penalty=float(scalar(inputs, "repetition_penalty", 1.0)),
+        min_length=int(scalar(inputs, "min_length", 0)),
+        random_seed=scalar(inputs, "random_seed"),
+        streaming=streaming,
+        return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
+    )
+    if request.temperature <= 0 and not request.greedy:
+        raise InvalidInput("temperature", "must be positive when sampling (use runtime_top_k 1 for greedy)")
+    if not 0 <= request.top_p <= 1:
+        raise InvalidInput("runtime_top_p", f"must be in [0, 1], got {request.top_p}")
+    if request.top_k < 0:
+        raise InvalidInput("runtime_top_k", f"must be 0 or positive, got {request.top_k}")
+    include_input = not bool(scalar(inputs, "exclude_input_in_output", exclude_input_default)) and not streaming
+    return request, include_input
+
+
+def engine_outputs(emission: Emission, prefix_ids: list[int] = ()) -> dict[str, np.ndarray]:
+    """output_ids [1, beam=1, n], sequence_length [1, 1], and the log probs, as TensorRT-LLM shapes them."""
+    ids = [*prefix_ids, *emission.token_ids]
+    probs = [0.0] * len(prefix_ids) + list(emission.log_probs)
+    return {
+        "output_ids": np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids)),
+        "sequence_length": np.array([[len(ids)]], dtype=np.int32),
+        "cum_log_probs": np.array([[sum(emission.log_probs)]], dtype=np.float32),
+        "output_log_probs": np.array([[probs]], dtype=np.float32).reshape(1, 1, len(probs)),
+    }

@@ -1,0 +1,165 @@
+"""Render the Triton model repository for an engine folder.
+
+Templates live in `model_repository/templates/<model>/` (`config.pbtxt.in` with `${name}`
+placeholders, and `1/model.py` for Python models). Inputs and outputs come from
+`bayling.contract`, never written by hand. The engine model `tensorrt_llm` takes its CPU
+(CTranslate2) or GPU (TensorRT-LLM) template from the engine's manifest; everything else
+is identical. Every rendered `config.pbtxt` is checked: no `${` left, and it parses with
+Triton's own `ModelConfig` protobuf. The repository is written to a temporary folder and
+renamed into place, so a server never sees half of it.
+
+examples:
+  bayling render --engine ~/.cache/bayling/engines/SmolLM2-135M-Instruct-int8 --output ./model_repo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from bayling import contract
+from bayling.errors import BaylingError
+from bayling.manifest import ENGINE_SUBDIRS, EngineManifest, read_manifest
+
+MODELS = ("preprocessing", contract.ENGINE_MODEL, "postprocessing", contract.ENSEMBLE_MODEL, contract.ENTRY_MODEL)
+
+
+@dataclass
+class RenderOptions:
+    max_batch_size: int = 16        # requests batched together by the engine model
+    max_concurrency: int = 64       # requests the `bayling` model serves at once
+    cpu_threads: int = 0            # CTranslate2 threads per batch (0: all cores)
+
+
+def template_dir() -> Path:
+    return Path(str(resources.files("bayling.model_repository").joinpath("templates")))
+
+
+def engine_variant(manifest: EngineManifest) -> str:
+    return {"ctranslate2": "cpu", "tensorrt_llm": "gpu"}[manifest.engine]
+
+
+def ensemble_scheduling() -> str:
+    """preprocessing -> tensorrt_llm -> postprocessing, wired by name from the contract."""
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+        maps = [f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
+        maps += [f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
+        return f'    {{\n      model_name: "{model}"\n      model_version: -1\n' + "\n".join(maps) + "\n    }"
+
+    pre = step("preprocessing",
+               {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
+                "STOP_WORDS_DICT": "stop_words", "END_ID": "end_id", "PAD_ID": "pad_id"},
+               {t.name: f"_{t.name}" for t in contract.PREPROCESSING_OUTPUTS})
+    engine_in = {"input_ids": "_INPUT_ID", "input_lengths": "_REQUEST_INPUT_LEN",
+                 "request_output_len": "_REQUEST_OUTPUT_LEN", "end_id": "_OUT_END_ID", "pad_id": "_OUT_PAD_ID",
+                 "stop_words_list": "_STOP_WORDS_IDS", "bad_words_list": "_BAD_WORDS_IDS"}
+    engine_in.update({engine: public for public, engine in contract.ENSEMBLE_TO_ENGINE.items()})
+    public_outputs = {t.name for t in contract.ENSEMBLE_OUTPUTS}
+    engine_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
+    engine_out.update({t.name: t.name for t in contract.ENGINE_OUTPUTS if t.name in public_outputs})
+    engine = step(contract.ENGINE_MODEL, engine_in, engine_out)
+    post = step("postprocessing", {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
+                {"OUTPUT": "text_output"})
+    return "ensemble_scheduling {\n  step [\n" + ",\n".join([pre, engine, post]) + "\n  ]\n}\n"
+
+
+def check_config(text: str, model: str):
+    """Parse with Triton's ModelConfig protobuf; refuse leftovers and mismatched I/O."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    if "${" in text:
+        left = text[text.index("${"):].split("}", 1)[0] + "}"
+        raise BaylingError(f"{model}/config.pbtxt: placeholder {left} was not rendered")
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise BaylingError(f"{model}/config.pbtxt does not parse as a Triton ModelConfig: {exc}") from None
+    if config.name != model:
+        raise BaylingError(f"{model}/config.pbtxt names the model {config.name!r}")
+    inputs, outputs = contract.MODELS[model]
+    declared = [(i.name, model_config_pb2.DataType.Name(i.data_type)) for i in config.input]
+    if declared != [(t.name, f"TYPE_{t.dtype}") for t in inputs]:
+        raise BaylingError(f"{model}/config.pbtxt inputs differ from bayling.contract")
+    if [o.name for o in config.output] != [t.name for t in outputs]:
+        raise BaylingError(f"{model}/config.pbtxt outputs differ from bayling.contract")
+    return config
+
+
+def gpu_values(manifest: EngineManifest, engine_dir: Path) -> dict[str, str]:
+    """Values for the TensorRT-LLM template, from what the build's planner chose."""
+    plan = manifest.build.get("triton", {})
+    values = {k: str(v) for k, v in plan.items()}
+    values["engine_path"] = str(engine_dir / ENGINE_SUBDIRS["tensorrt_llm"])
+    return values
+
+
+def render_config(model: str, manifest: EngineManifest, engine_dir: Path, options: RenderOptions) -> str:
+    name = f"{model}_{engine_variant(manifest)}" if model == contract.ENGINE_MODEL else model
+    source = template_dir() / name / "config.pbtxt.in"
+    values = {k: str(v) for k, v in asdict(options).items()}
+    values.update(engine_dir=str(engine_dir), io=contract.io_blocks(model), ensemble_scheduling=ensemble_scheduling())
+    if name == "tensorrt_llm_gpu":
+        values.update(gpu_values(manifest, engine_dir))
+    try:
+        text = string.Template(source.read_text(encoding="utf-8")).substitute(values)
+    except KeyError as exc:
+        raise BaylingError(f"{source}: no value for placeholder {exc}") from None
+    check_config(text, model)
+    return text
+
+
+def render_repository(engine_dir: Path, output: Path, options: RenderOptions | None = None) -> Path:
+    options = options or RenderOptions()
+    engine_dir = Path(engine_dir).resolve()
+    manifest = read_manifest(engine_dir)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.rendering-", dir=output.parent))
+    try:
+        for model in MODELS:
+            folder = tmp / model
+            (folder / "1").mkdir(parents=True)
+            (folder / "config.pbtxt").write_text(render_config(model, manifest, engine_dir, options), encoding="utf-8")
+            name = f"{model}_{engine_variant(manifest)}" if model == contract.ENGINE_MODEL else model
+            code = template_dir() / name / "1" / "model.py"
+            if code.is_file():
+                shutil.copyfile(code, folder / "1" / "model.py")
+        os.chmod(tmp, 0o755)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", type=Path, required=True, metavar="ENGINE_DIR", help="engine folder from 'bayling build'")
+    parser.add_argument("--output", type=Path, required=True, metavar="REPO_DIR", help="model repository to (re)create")
+    add_render_options(parser)
+
+
+def add_render_options(parser: argparse.ArgumentParser) -> None:
+    d = RenderOptions()
+    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"engine batch size (default {d.max_batch_size})")
+    parser.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
+                        help=f"requests the bayling model serves at once (default {d.max_concurrency})")
+    parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads, help="CTranslate2 threads (default 0: all cores)")
+
+
+def options_from(args: argparse.Namespace) -> RenderOptions:
+    return RenderOptions(args.max_batch_size, args.max_concurrency, args.cpu_threads)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = render_repository(args.engine, args.output, options_from(args))
+    print(out)
+    return 0

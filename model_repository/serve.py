@@ -1,0 +1,69 @@
+"""Serve an engine folder with a real Triton Inference Server.
+
+Renders the model repository for the engine into a run folder, starts `tritonserver` on
+it, waits until every model is ready, prints the endpoints, and stops cleanly on Ctrl-C
+or SIGTERM (in-flight requests finish first). CPU engines run on the `tritonserver` of
+the nvidia-pytriton wheel; TensorRT-LLM engines on the one in NVIDIA's container.
+
+examples:
+  bayling serve --engine ~/.cache/bayling/engines/SmolLM2-135M-Instruct-int8
+  bayling serve --engine /engines/bayling-13b-trt --http-port 8000 --grpc-port 8001 --metrics-port 8002
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from bayling.manifest import read_manifest
+from bayling.paths import cache_dir
+from bayling.model_repository.render import add_render_options, options_from, render_repository
+from bayling.model_repository.server import TritonServer, container_launcher, pytriton_launcher
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", type=Path, required=True, metavar="ENGINE_DIR", help="engine folder from 'bayling build'")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--run-dir", type=Path, help="where to render the model repository (default: under ~/.cache/bayling/run)")
+    parser.add_argument("--log-file", type=Path, help="write tritonserver's log here instead of the terminal")
+    parser.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for all models to load")
+    add_render_options(parser)
+
+
+def start_server(engine: Path, args: argparse.Namespace) -> TritonServer:
+    manifest = read_manifest(engine)
+    run_dir = args.run_dir or cache_dir() / "run" / f"{engine.resolve().name}-{args.grpc_port}"
+    repo = render_repository(engine, run_dir / "model_repository", options_from(args))
+    launcher = container_launcher() if manifest.engine == "tensorrt_llm" else pytriton_launcher(cache_dir())
+    server = TritonServer(repo, launcher, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file)
+    print(f"starting tritonserver for {manifest.model_name} ({manifest.engine}) ...", file=sys.stderr, flush=True)
+    return server.start(timeout=args.ready_timeout)
+
+
+def endpoints(server: TritonServer) -> str:
+    return (f"BayLing is being served\n"
+            f"  gRPC     {server.grpc_url}   (models: bayling, ensemble, tensorrt_llm)\n"
+            f"  HTTP     http://{server.http_url}   (e.g. POST /v2/models/bayling/generate)\n"
+            f"  metrics  {server.metrics_url}\n"
+            f"chat with it: bayling chat --url {server.grpc_url}")
+
+
+def main(args: argparse.Namespace) -> int:
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    server = start_server(args.engine, args)
+    print(endpoints(server), flush=True)
+    try:
+        code = server.process.wait()
+        print(f"tritonserver exited with code {code}", file=sys.stderr)
+        return code or 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", file=sys.stderr, flush=True)
+        return 0 if server.stop() in (0, None) else 1

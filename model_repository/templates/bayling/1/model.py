@@ -1,0 +1,81 @@
+"""Triton adapter of the `bayling` entry model; the logic is `bayling.model_repository.entry`.
+
+Each request runs in a worker thread: it calls the engine model `tensorrt_llm` through
+business-logic scripting (decoupled, streamed), and answers through its response sender.
+"""
+
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from bayling.contract import ENGINE_MODEL, ENTRY_INPUTS
+from bayling.errors import BaylingError, InvalidInput
+from bayling.model_repository import triton_io as io
+from bayling.model_repository.engine_text import load_engine_text
+from bayling.model_repository.entry import Entry
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger("bayling")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = io.model_parameters(args)
+        self.entry = Entry(load_engine_text(params["engine_dir"]))
+        self.pool = ThreadPoolExecutor(max_workers=int(params["max_concurrency"]), thread_name_prefix="bayling")
+
+    def execute(self, requests):
+        for request in requests:
+            self.pool.submit(self._serve, request)
+        return None
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+
+        def send(outputs, final):
+            try:
+                sender.send(io.response(outputs) if outputs is not None else None, flags=FINAL if final else 0)
+            except Exception:  # the client is gone
+                log.debug("response not delivered", exc_info=True)
+
+        try:
+            req = self.entry.parse(io.read_inputs(request, ENTRY_INPUTS))
+            request_id = uuid.uuid4().hex
+            self.entry.generate(req, self._engine(req, request_id), lambda: self._stop(request_id),
+                                sender.is_cancelled, send)
+        except Exception as exc:
+            if not isinstance(exc, BaylingError):
+                log.exception("bayling request failed")
+            try:
+                sender.send(io.error_response(exc), flags=FINAL)
+            except Exception:
+                log.debug("error response not delivered", exc_info=True)
+
+    def _engine(self, req, request_id):
+        inputs = [pb_utils.Tensor(k, v) for k, v in self.entry.engine_inputs(req).items()]
+        call = pb_utils.InferenceRequest(model_name=ENGINE_MODEL, inputs=inputs, request_id=request_id,
+                                         requested_output_names=["output_ids", "sequence_length"])
+        for response in call.exec(decoupled=True):
+            if response.has_error():
+                error = response.error()
+                invalid = getattr(error, "code", lambda: None)() == pb_utils.TritonError.INVALID_ARG
+                raise (InvalidInput("engine", error.message()) if invalid else BaylingError(error.message()))
+            if response.output_tensors():
+                yield {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+    def _stop(self, request_id):
+        """TensorRT-LLM's `stop` input: end the engine request with this id."""
+        inputs = [pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+                  pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
+                  pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
+                  pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))]
+        call = pb_utils.InferenceRequest(model_name=ENGINE_MODEL, inputs=inputs, request_id=request_id,
+                                         requested_output_names=["output_ids"])
+        for _ in call.exec(decoupled=True):
+            pass
