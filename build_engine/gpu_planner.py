@@ -314,29 +314,39 @@ def plan(model: ModelShape, quant: str = "int8-wo", kv_cache: str = "fp16", tp: 
                                     f"the {quant} weights alone need {_gib(weights)} per GPU, plus {_gib(runtime)} "
                                     f"for the runtime, and the GPU has {_gib(gpu_memory)}", a))
 
-    max_num_tokens = a.max_num_tokens_cap
-    while (activation_bytes(model, tp, max_num_tokens, a) > a.activation_share * gpu_memory
-           and max_num_tokens // 2 >= max_input_len):
-        max_num_tokens //= 2
-    max_num_tokens = max(max_num_tokens, max_input_len)
-    activations = activation_bytes(model, tp, max_num_tokens, a)
+    # max_num_tokens: the largest power-of-two step (from the cap) whose activations stay within
+    # `activation_share` of the GPU; if the KV cache then cannot hold one full sequence, smaller
+    # steps (down to max_input_len) are tried before refusing.
+    first = a.max_num_tokens_cap
+    while activation_bytes(model, tp, first, a) > a.activation_share * gpu_memory and first // 2 >= max_input_len:
+        first //= 2
+    candidates = [first]
+    while candidates[-1] // 2 >= max_input_len:
+        candidates.append(candidates[-1] // 2)
+    candidates = list(dict.fromkeys(max(c, max_input_len) for c in candidates + [max_input_len]))
 
-    free = gpu_memory - weights - runtime - activations
     headroom = max(a.headroom_min, int(a.headroom_share * gpu_memory))
     per_token = kv_bytes_per_token(model, kv_cache, tp)
-    if free <= headroom:
-        raise BaylingError(_refusal(model, quant, kv_cache, tp, gpu_memory, max_context, suggest,
-                                    f"weights ({_gib(weights)}), runtime ({_gib(runtime)}) and activations "
-                                    f"({_gib(activations)} for {max_num_tokens} tokens) leave {_gib(free)} of "
-                                    f"{_gib(gpu_memory)}, not more than the {_gib(headroom)} kept free", a))
-    fraction = min(0.95, math.floor((free - headroom) / free * 100) / 100)
-    kv_cache_bytes = int(fraction * free)
-    tokens = kv_cache_bytes // per_token // a.tokens_per_block * a.tokens_per_block
-    if tokens < max_seq_len:
-        raise BaylingError(_refusal(model, quant, kv_cache, tp, gpu_memory, max_context, suggest,
-                                    f"after weights ({_gib(weights)}), runtime and activations ({_gib(runtime + activations)}) "
-                                    f"the KV cache gets {_gib(kv_cache_bytes)} = {tokens} tokens at "
-                                    f"{per_token / KiB:.0f} KiB each, less than one sequence of {max_seq_len}", a))
+    for max_num_tokens in candidates:
+        activations = activation_bytes(model, tp, max_num_tokens, a)
+        free = gpu_memory - weights - runtime - activations
+        if free <= headroom:
+            why = (f"weights ({_gib(weights)}), runtime ({_gib(runtime)}) and activations ({_gib(activations)} for "
+                   f"{max_num_tokens} tokens) leave {_gib(free)} of {_gib(gpu_memory)}, not more than the "
+                   f"{_gib(headroom)} kept free")
+            continue
+        fraction = min(0.95, math.floor((free - headroom) / free * 100) / 100)
+        kv_cache_bytes = int(fraction * free)
+        tokens = kv_cache_bytes // per_token // a.tokens_per_block * a.tokens_per_block
+        if tokens >= max_seq_len:
+            break
+        why = (f"after weights ({_gib(weights)}), runtime and activations ({_gib(runtime + activations)} with "
+               f"max_num_tokens {max_num_tokens}) the KV cache gets {_gib(kv_cache_bytes)} = {tokens} tokens at "
+               f"{per_token / KiB:.0f} KiB each, less than one sequence of {max_seq_len}")
+    else:
+        raise BaylingError(_refusal(model, quant, kv_cache, tp, gpu_memory, max_context, suggest, why, a))
+    if max_num_tokens != first:
+        notes.append(f"max_num_tokens lowered from {first} to {max_num_tokens} to leave the KV cache one full sequence")
     full = tokens // max_seq_len
     batch = max(1, min(a.max_batch_cap, a.batch_per_full_sequence * full))
 

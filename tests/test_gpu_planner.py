@@ -104,12 +104,25 @@ def test_plan_bayling_13b_fp16_on_16_gib_is_refused_with_the_numbers():
 
 
 def test_plan_bayling_13b_int8_with_fp16_kv_on_16_gib_cannot_hold_one_sequence():
-    # weights 12.43 GiB, activations for 4096 tokens (8192 would be 1.66 GiB > 10% of 16 GiB):
-    # the KV cache gets 0.53 x 1,852,725,248 B = 2,397 tokens of 800 KiB -> 1,152 < 2048
+    # weights 12.43 GiB; even with max_num_tokens lowered to max_input_len 1536 (activations
+    # 1536 x 212,992 + 32,768,000 = 359,923,712) free is 2,397,984,768 B, the fraction 0.64 and
+    # the KV cache 1,534,710,251 B / 819,200 = 1,873 -> 1,856 tokens < 2048
     with pytest.raises(BaylingError) as err:
         gp.plan(LLAMA_13B, "int8-wo", "fp16", 1, 16 * GiB)
-    assert "1152 tokens" in str(err.value)
+    assert "1856 tokens" in str(err.value) and "max_num_tokens 1536" in str(err.value)
     assert "less than one sequence of 2048" in str(err.value)
+    assert "--kv-cache int8 --tp 1 fits (2368 KV tokens" in str(err.value)
+
+
+def test_max_num_tokens_is_lowered_to_leave_room_for_one_sequence():
+    # 7B fp16 on 16 GiB: with 8192 batched tokens the KV cache would hold 640 tokens; with 2048
+    # (activations 2048 x 169,984 + 32,768,000 = 380,895,232) free is 2,248,400,896 B, fraction
+    # 0.61, KV cache 1,371,524,546 B / 524,288 -> 2,560 tokens: one sequence, batch 2
+    p = gp.plan(LLAMA_7B, "fp16", "fp16", 1, 16 * GiB)
+    assert p.max_num_tokens == 2048 and p.activation_bytes == 380_895_232
+    assert p.free_after_load == 2_248_400_896 and p.kv_cache_free_gpu_mem_fraction == 0.61
+    assert p.max_tokens_in_paged_kv_cache == 2_560 and p.max_batch_size == 2
+    assert any("lowered from 8192 to 2048" in n for n in p.notes)
 
 
 def test_plan_bayling_13b_int8_with_int8_kv_fits_16_gib():
