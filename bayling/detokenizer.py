@@ -12,10 +12,17 @@ window with and without the newest ids and emits the difference, and holds
 text back while it ends in an incomplete character (U+FFFD). The window starts
 at the last token already emitted, so its decode carries the same leading-space
 context as the full decode. Cost per token is O(window), not O(output).
+
+SentencePiece's byte-fallback decoder decodes a run of byte tokens as a unit and
+turns the whole run into U+FFFD if any byte in it is invalid, so text from a run
+is final only once the run ends: while the newest visible id is a byte token, text
+waits (special tokens are skipped before decoding, so they do not end a run).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -35,9 +42,27 @@ def make_decode(tokenizer) -> Decode:
     return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@dataclass(frozen=True)
+class ByteRuns:
+    """Which ids are byte-fallback tokens, and which the decode skips (special tokens)."""
+    byte_ids: frozenset[int] = frozenset()
+    skipped_ids: frozenset[int] = frozenset()
+
+
+def byte_runs(tokenizer) -> ByteRuns:
+    """SentencePiece byte-fallback tokens (``<0x00>`` ... ``<0xFF>``); none for byte-level BPE."""
+    byte_ids = frozenset(i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok))
+    return ByteRuns(byte_ids, frozenset(tokenizer.all_special_ids) if byte_ids else frozenset())
+
+
 class IncrementalDetokenizer:
-    def __init__(self, decode: Decode):
+    def __init__(self, decode: Decode, runs: ByteRuns = ByteRuns()):
         self._decode = decode
+        self._runs = runs
+        self._in_byte_run = False
         # Window of ids: [0, _read) were emitted by the last emission (context for the next
         # one, starting on a character boundary); [_read, end) are still pending.
         self._window: list[int] = []
@@ -46,8 +71,15 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Iterable[int]) -> str:
         """Feed new ids (one or many); return the text they complete, possibly ''."""
-        self._window.extend(int(t) for t in token_ids)
-        if len(self._window) == self._read:
+        new = [int(t) for t in token_ids]
+        self._window.extend(new)
+        if self._runs.byte_ids:
+            for t in new:
+                if t in self._runs.byte_ids:
+                    self._in_byte_run = True
+                elif t not in self._runs.skipped_ids:
+                    self._in_byte_run = False
+        if len(self._window) == self._read or self._in_byte_run:
             return ""
         text = self._decode(self._window)
         if text.endswith(REPLACEMENT_CHAR) or len(text) <= len(self._prefix_text):

@@ -1,10 +1,9 @@
 """The output path of one request: token ids in, the exact text a user reads out.
 
-    ids -> IncrementalDetokenizer -> space clean-up -> placeholders -> stop strings -> text
+    ids -> IncrementalDetokenizer -> placeholders -> stop strings -> text
 
 Each stage is streaming-safe: it holds back text that could still turn into a
-match (the start of ``[NAME]``, of a stop string, a trailing space that clean-up
-may remove) until the next piece decides it. The streamed pieces joined are
+match (the start of ``[NAME]``, of a stop string) until the next piece decides it. The streamed pieces joined are
 therefore always equal to running the same stages over the full decode, which
 is what BayLing's original tools show (they re-decode the whole output at each
 step: ``tokenizer.decode(ids, skip_special_tokens=True)``, then replace the
@@ -13,10 +12,9 @@ placeholders, then cut at the stop string).
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Sequence
 
-from bayling.detokenizer import Decode, IncrementalDetokenizer
+from bayling.detokenizer import ByteRuns, Decode, IncrementalDetokenizer
 
 # BayLing's released weights are anonymised: the model writes these, and its post-processing
 # (ictnlp/BayLing bayling/inference.py, MODEL_CARD and post_process) replaces them.
@@ -28,13 +26,7 @@ MODEL_CARD: dict[str, str] = {
     "[机构]": "中国科学院计算技术研究所自然语言处理研究组",
     "[开发时间]": "2023年",
 }
-PLACEHOLDERS: dict[str, str] = {**MODEL_CARD, "\\n": "\n"}  # and a literal backslash-n becomes a newline
-
-# transformers' `clean_up_tokenization` (applied by `decode` when the tokenizer asks for it), in its order.
-CLEANUP: dict[str, str] = {
-    " .": ".", " ?": "?", " !": "!", " ,": ",", " ' ": "'",
-    " n't": "n't", " 'm": "'m", " 's": "'s", " 've": "'ve", " 're": "'re",
-}
+PLACEHOLDERS: dict[str, str] = {**MODEL_CARD, "\\n": "\n"}  # then a literal backslash-n becomes a newline
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
@@ -51,27 +43,50 @@ def _longest_partial(text: str, keys: Iterable[str]) -> int:
 
 
 class StreamingReplacer:
-    """Replaces fixed strings in a stream; joined output == ``replace_all`` of the joined input."""
+    """``str.replace(key, value)`` on a stream: joined output == the replacement of the joined input."""
 
-    def __init__(self, table: dict[str, str]):
-        self._table = table
-        self._pattern = re.compile("|".join(re.escape(k) for k in table))
+    def __init__(self, key: str, value: str):
+        self.key, self.value = key, value
         self._held = ""
 
-    def replace_all(self, text: str) -> str:
-        return self._pattern.sub(lambda m: self._table[m.group(0)], text)
-
     def feed(self, text: str) -> str:
-        buffer = self._held + text
-        # A match can only start at a key's first character, and keys contain their first
-        # characters nowhere else, so no complete match straddles the held-back suffix.
-        keep = _longest_partial(buffer, self._table)
-        self._held = buffer[len(buffer) - keep:] if keep else ""
-        return self.replace_all(buffer[:len(buffer) - keep])
+        buffer, out, i = self._held + text, [], 0
+        while (j := buffer.find(self.key, i)) >= 0:  # leftmost, non-overlapping: as str.replace
+            out += [buffer[i:j], self.value]
+            i = j + len(self.key)
+        rest = buffer[i:]
+        keep = _longest_partial(rest, (self.key,))  # could still become the key
+        self._held = rest[len(rest) - keep:] if keep else ""
+        out.append(rest[:len(rest) - keep])
+        return "".join(out)
 
     def flush(self) -> str:
-        out, self._held = self.replace_all(self._held), ""
+        out, self._held = self._held, ""
         return out
+
+
+class ReplaceChain:
+    """Several replacements in order, like chained ``str.replace`` calls (they can interact)."""
+
+    def __init__(self, table: dict[str, str]):
+        self.table = table
+        self._stages = [StreamingReplacer(k, v) for k, v in table.items()]
+
+    def replace_all(self, text: str) -> str:
+        for key, value in self.table.items():
+            text = text.replace(key, value)
+        return text
+
+    def feed(self, text: str) -> str:
+        for stage in self._stages:
+            text = stage.feed(text)
+        return text
+
+    def flush(self) -> str:
+        text = ""
+        for stage in self._stages:
+            text = stage.feed(text) + stage.flush()
+        return text
 
 
 class StopStringFinder:
@@ -102,14 +117,10 @@ class StopStringFinder:
 class TextStream:
     """One request's output: feed engine tokens, read new text, learn why it finished."""
 
-    def __init__(self, decode: Decode, *, stop_token_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
-                 placeholders: bool = False, cleanup_spaces: bool = False):
-        self._detok = IncrementalDetokenizer(decode)
-        self._stages: list[StreamingReplacer] = []
-        if cleanup_spaces:
-            self._stages.append(StreamingReplacer(CLEANUP))
-        if placeholders:
-            self._stages.append(StreamingReplacer(PLACEHOLDERS))
+    def __init__(self, decode: Decode, *, byte_runs: ByteRuns = ByteRuns(), stop_token_ids: Iterable[int] = (),
+                 stop_strings: Sequence[str] = (), placeholders: bool = False):
+        self._detok = IncrementalDetokenizer(decode, byte_runs)
+        self._placeholders = ReplaceChain(PLACEHOLDERS) if placeholders else None
         self._stops = StopStringFinder(stop_strings)
         self._stop_ids = frozenset(int(t) for t in stop_token_ids)
         self.completion_tokens = 0
@@ -146,8 +157,8 @@ class TextStream:
         return ""
 
     def _through_stages(self, text: str, flush: bool) -> str:
-        for stage in self._stages:
-            text = stage.feed(text) + (stage.flush() if flush else "")
+        if self._placeholders:
+            text = self._placeholders.feed(text) + (self._placeholders.flush() if flush else "")
         text = self._stops.feed(text)
         if flush and not self._stops.stopped:
             text += self._stops.flush()

@@ -55,7 +55,7 @@ def build_cpu_engine(model_dir: Path, output: Path, *, template: str = "auto", n
         del generator
         step("writing the manifest")
         build = {"target": "cpu", "quantization": quantization, "compute_type": "int8" if quantization.startswith("int8") else quantization,
-                 "template_choice": template, "cleanup_spaces": chat_template.name != "hf"}
+                 "template_choice": template}
         manifest = make_manifest("ctranslate2", source, text, context, build,
                                  tool_versions("ctranslate2", "transformers", "tokenizers", "torch"), tmp)
         finish(tmp, manifest)

@@ -96,10 +96,6 @@ def load_tokenizer(path: Path, **kwargs):
 def write_tokenizer(tokenizer, template: ChatTemplate, engine_dir: Path) -> None:
     """The engine's tokenizer carries the chat template, so `apply_chat_template` agrees with the server."""
     tokenizer.chat_template = template.source
-    if template.name != "hf":
-        # BayLing's tools decoded with the transformers of 2023, whose decode cleaned up
-        # spaces before punctuation by default; keep what their users saw.
-        tokenizer.clean_up_tokenization_spaces = True
     tokenizer.save_pretrained(str(engine_dir / TOKENIZER_DIR))
     (engine_dir / CHAT_TEMPLATE_NAME).write_text(template.source, encoding="utf-8")
 

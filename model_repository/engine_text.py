@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bayling.detokenizer import Decode, make_decode
+from bayling.detokenizer import ByteRuns, Decode, byte_runs, make_decode
 from bayling.manifest import CHAT_TEMPLATE_NAME, TOKENIZER_DIR, EngineManifest, read_manifest
 from bayling.params import GenerationParams
 from bayling.templates import ChatTemplate, builtin_template
@@ -21,14 +21,14 @@ class EngineText:
     template: ChatTemplate
     encoder: PromptEncoder
     decode: Decode
-    cleanup_spaces: bool
+    byte_runs: ByteRuns
     defaults: GenerationParams
 
     def text_stream(self, extra_stop_strings: list[str] = ()) -> TextStream:
         m = self.manifest
-        return TextStream(self.decode, stop_token_ids=m.stop_token_ids,
+        return TextStream(self.decode, byte_runs=self.byte_runs, stop_token_ids=m.stop_token_ids,
                           stop_strings=[*m.stop_strings, *extra_stop_strings],
-                          placeholders=m.placeholders, cleanup_spaces=self.cleanup_spaces)
+                          placeholders=m.placeholders)
 
 
 def load_engine_text(engine_dir: str | Path) -> EngineText:
@@ -44,5 +44,5 @@ def load_engine_text(engine_dir: str | Path) -> EngineText:
     else:
         template = ChatTemplate(manifest.template, source, tuple(manifest.stop_strings), (), manifest.placeholders)
     return EngineText(manifest, tokenizer, template, PromptEncoder(tokenizer, template), make_decode(tokenizer),
-                      bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
+                      byte_runs(tokenizer),
                       GenerationParams(**manifest.defaults))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bayling.errors import InvalidInput
-from bayling.textstream import PLACEHOLDERS, StreamingReplacer
+from bayling.textstream import PLACEHOLDERS, ReplaceChain
 from bayling.tokenization import word_list
 from bayling.model_repository.engine_text import EngineText
 from bayling.model_repository.triton_io import bytes_array, scalar, text, texts
@@ -50,7 +50,7 @@ class Preprocessor:
 class Postprocessor:
     def __init__(self, text_ctx: EngineText):
         self.text = text_ctx
-        self._placeholders = StreamingReplacer(PLACEHOLDERS) if text_ctx.manifest.placeholders else None
+        self._placeholders = ReplaceChain(PLACEHOLDERS) if text_ctx.manifest.placeholders else None
 
     def process(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = np.asarray(inputs["TOKENS_BATCH"])          # [1, beam, n]
