@@ -296,7 +296,10 @@ def _resolve_template(choice: str, model_dir: Path, config: dict, name: str):
 
     chat_template = ""
     tok_config = Path(model_dir) / "tokenizer_config.json"
-    if tok_config.is_file():
+    jinja_file = Path(model_dir) / "chat_template.jinja"       # where newer transformers save it
+    if jinja_file.is_file():
+        chat_template = jinja_file.read_text(encoding="utf-8")
+    elif tok_config.is_file():
         try:
             chat_template = json.loads(tok_config.read_text(encoding="utf-8")).get("chat_template") or ""
         except json.JSONDecodeError:
@@ -392,13 +395,14 @@ def run_trtllm_build(args: argparse.Namespace, *, model_dir: Path | None = None,
 def _build(args, model_dir: Path, output: Path, name: str, options: TrtllmOptions, plan: GpuPlan, template,
            template_choice: str, prompts: Path, version: str, gpus: list[tuple[str, int]]) -> dict:
     from bayling.manifest import ENGINE_SUBDIRS
-    from bayling.build_engine.engine_folder import (building, finish, load_source, load_tokenizer, make_manifest,
-                                                    text_settings, tool_versions, write_tokenizer)
+    from bayling.build_engine.engine_folder import (building, choose_template, finish, load_source, load_tokenizer,
+                                                    make_manifest, text_settings, tool_versions, write_tokenizer)
 
     source = load_source(model_dir, name)
     step = _Step(5 if plan.calibration else 4)
     step(f"tokenizer and {template.name} chat template of {source.name}")
     tokenizer = load_tokenizer(source.path)
+    template = choose_template(template_choice, source, tokenizer)    # the loaded tokenizer decides
     text = text_settings(source, tokenizer, template)
     with building(output, getattr(args, "force", False)) as tmp:
         write_tokenizer(tokenizer, template, tmp)

@@ -222,3 +222,19 @@ def test_every_plan_fits_its_gpu(gib, quant, kv, context):
     assert 1 <= p.max_batch_size <= 256 and 0.05 <= p.kv_cache_free_gpu_mem_fraction <= 0.95
     bigger = gp.plan(LLAMA_7B, quant, kv, 1, (gib + 8) * GiB, context)
     assert bigger.max_tokens_in_paged_kv_cache >= p.max_tokens_in_paged_kv_cache
+
+
+def test_the_runbook_tables_in_docs_are_the_planners_current_output():
+    """docs/gpu.md pastes benchmarks/gpu_plan_table.py's output; regenerate it when the planner changes."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gpu_plan_table", root / "benchmarks" / "gpu_plan_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    docs = (root / "docs" / "gpu.md").read_text(encoding="utf-8")
+    rows = table.plan_rows(2048) + table.speed_rows(2048)
+    assert len(rows) == 2 + 2 * 4 * 4 + 2 + 2 * 2 * 6
+    missing = [row for row in rows if row not in docs]
+    assert not missing, f"docs/gpu.md is stale; first stale row: {missing[0]}"

@@ -615,3 +615,23 @@ def test_a_real_build_here_refuses_before_touching_the_output(tmp_path, monkeypa
     with pytest.raises(BaylingError, match="not installed here"):
         tb.run_trtllm_build(parser.parse_args(["--gpu-memory", "24GiB"]), model_dir=model, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_is_not_bayling_calibrates_with_its_own_chat_template(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tb, "detect_gpus", lambda: [])
+    model = fake_checkpoint(tmp_path / "llama-2-7b-chat", LLAMA_7B_CONFIG)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--template", default="auto")
+    tb.add_trtllm_arguments(parser)
+    args = parser.parse_args(["--quant", "int8-sq", "--gpu-memory", "24GiB", "--dry-run"])
+    with pytest.raises(BaylingError, match="no chat_template"):
+        tb.run_trtllm_build(args, model_dir=model, output=tmp_path / "out")
+    (model / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}",
+                                               encoding="utf-8")
+    record = tb.run_trtllm_build(args, model_dir=model, output=tmp_path / "out")
+    assert record["calibration"]["template"] == "hf"
+    assert "through the hf template" in capsys.readouterr().out
+    calib = tb.render_calibration_set(tb.default_calib_prompts(), tb._resolve_template("auto", model, LLAMA_7B_CONFIG, "x"),
+                                      tmp_path / "calib")
+    first = json.loads((calib.path / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    assert first.startswith("[user] Provide the Chinese translation") and "[assistant] 今天天气很好" in first
