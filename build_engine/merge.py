@@ -65,9 +65,9 @@ MANIFEST = "bayling-merge.json"
 JOURNAL = "bayling-merge.journal.json"
 INDEX = "model.safetensors.index.json"
 
-SAMPLE = 1 << 18                 # elements sampled per tensor for the statistics and the fingerprint
+SAMPLE = 1 << 16                 # elements sampled per tensor for the statistics and the fingerprint
 CHUNK_BYTES = 16 * 1024 * 1024   # largest read, per input, per step
-POOL_BUFFERS = 8                 # chunk buffers in flight between reader, adder and writer
+POOL_BUFFERS = 10                # chunk buffers in flight between reader, adder, hasher and writer
 MIN_JUDGED = 1024                # matrices with fewer elements are not used for the base check
 ABORT_AFTER = 3                  # stop once this many matrices failed (and they are the majority)
 HASH_BLOCK = 16 * 1024 * 1024
@@ -259,9 +259,9 @@ def tensor_stats(mode: str, base_sample, other_sample) -> dict:
         d = o - b
         inexact = int(torch.count_nonzero(b + d != o))
     n = b.numel()
-    bd, dd = b.double(), d.double()
-    base_rms = math.sqrt(float(torch.dot(bd, bd)) / n) if n else 0.0
-    delta_rms = math.sqrt(float(torch.dot(dd, dd)) / n) if n else 0.0
+    bf, df = b.float(), d.float()
+    base_rms = math.sqrt(float(torch.dot(bf, bf)) / n) if n else 0.0
+    delta_rms = math.sqrt(float(torch.dot(df, df)) / n) if n else 0.0
     ratio = delta_rms / base_rms if base_rms > 0 else (0.0 if delta_rms == 0 else math.inf)
     return {
         "sampled": n,
@@ -269,7 +269,7 @@ def tensor_stats(mode: str, base_sample, other_sample) -> dict:
         "delta_rms": _round(delta_rms),
         "ratio": _round(ratio),
         "inexact": _round(inexact / n) if n else 0.0,
-        "delta_max_abs": _round(float(dd.abs().max())) if n else 0.0,
+        "delta_max_abs": _round(float(d.abs().max())) if n else 0.0,
         "base_fingerprint": hashlib.sha256(b.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:32],
     }
 
@@ -531,7 +531,9 @@ class _Item:
     other: Any
     bufs: list
     out: Any = None
+    data: Any = None    # the result's bytes (a memoryview of ``out``)
     stats: dict | None = None
+    digest: str = ""    # SHA-256 of the shard, on its last item
 
     @property
     def first(self) -> bool:
@@ -541,6 +543,14 @@ class _Item:
     def last(self) -> bool:
         return self.hi == self.tensor.numel
 
+    @property
+    def first_of_shard(self) -> bool:
+        return self.first and self.tensor is self.shard.tensors[0]
+
+    @property
+    def last_of_shard(self) -> bool:
+        return self.last and self.tensor is self.shard.tensors[-1]
+
 
 _DONE = object()
 
@@ -549,13 +559,34 @@ def _journal_write(out: Path, plan: Plan, done: dict) -> None:
     atomic_write(out / JOURNAL, _json_bytes({"format": FORMAT, "plan_id": plan.plan_id, "done": done}))
 
 
+def _drop_behind(fd: int, offset: int, length: int) -> None:
+    """Start writeback of a written range, and drop it from the page cache once it is clean.
+
+    A long merge then neither floods the page cache with output (evicting the
+    inputs) nor leaves gigabytes of dirty pages for the final fsync.
+    """
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        n = os.write(fd, data)
+        data = data[n:]
+
+
 def _run_pipeline(plan: Plan, todo: list[PlannedShard], base: CheckpointReader, other: CheckpointReader,
                   out: Path, check: BaseCheck, done: dict, advance: Callable[[int], None], chunk_bytes: int) -> None:
+    """reader thread -> add/subtract + statistics (this thread) -> hasher thread -> writer thread."""
     import torch
 
     pipe = _Pipeline()
     pool = _Pool(pipe, POOL_BUFFERS, chunk_bytes)
     q_read: queue.Queue = queue.Queue(maxsize=2)
+    q_hash: queue.Queue = queue.Queue(maxsize=2)
     q_write: queue.Queue = queue.Queue(maxsize=2)
 
     def reader() -> None:
@@ -583,54 +614,78 @@ def _run_pipeline(plan: Plan, todo: list[PlannedShard], base: CheckpointReader, 
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             pipe.fail(exc)
 
-    def writer() -> None:
-        f = None
-        tmp = None
+    def hasher() -> None:
         try:
             h = None
+            while True:
+                item = pipe.get(q_hash)
+                if item is _DONE:
+                    pipe.put(q_write, _DONE)
+                    return
+                if item.first_of_shard:
+                    h = hashlib.sha256(item.shard.header)
+                h.update(item.data)
+                if item.last_of_shard:
+                    item.digest = h.hexdigest()
+                pipe.put(q_write, item)
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001
+            pipe.fail(exc)
+
+    def writer() -> None:
+        fd = None
+        try:
+            tmp = None
+            pos = 0
+            behind: list[tuple[int, int]] = []
             shard_stats: dict[str, dict] = {}
             while True:
                 item = pipe.get(q_write)
                 if item is _DONE:
                     return
                 shard, t = item.shard, item.tensor
-                if f is None:
+                if fd is None:
                     tmp = out / (shard.name + ".tmp")
-                    f = open(tmp, "wb", buffering=0)
-                    h = hashlib.sha256(shard.header)
-                    f.write(shard.header)
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    _write_all(fd, memoryview(shard.header))
+                    pos = len(shard.header)
                     shard_stats = {}
-                data = memoryview(item.out.contiguous().view(-1).view(torch.uint8).numpy())
-                if len(data):
-                    f.write(data)
-                    h.update(data)
+                    behind = []
+                n = len(item.data)
+                if n:
+                    _write_all(fd, item.data)
+                    _drop_behind(fd, pos, n)        # starts writeback of this chunk
+                    behind.append((pos, n))
+                    if len(behind) > 3:
+                        _drop_behind(fd, *behind.pop(0))  # written back by now: frees its pages
+                    pos += n
+                item.data = item.out = item.base = item.other = None
                 for buf in item.bufs:
                     pool.put(buf)
-                advance(len(data))
-                if item.last:
-                    if item.stats is not None:
-                        shard_stats[t.name] = item.stats
-                    if t is shard.tensors[-1]:
-                        os.fsync(f.fileno())
-                        f.close()
-                        f = None
-                        if tmp.stat().st_size != shard.size:
-                            raise BaylingError(f"{tmp} has {tmp.stat().st_size} bytes, expected {shard.size}")
-                        final = out / shard.name
-                        os.replace(tmp, final)
-                        _fsync_dir(out)
-                        done[shard.name] = {"sha256": h.hexdigest(), "size": shard.size, "tensors": shard_stats}
-                        _journal_write(out, plan, done)
+                advance(n)
+                if item.last and item.stats is not None:
+                    shard_stats[t.name] = item.stats
+                if item.last_of_shard:
+                    os.fsync(fd)
+                    _drop_behind(fd, 0, 0)
+                    os.close(fd)
+                    fd = None
+                    if tmp.stat().st_size != shard.size:
+                        raise BaylingError(f"{tmp} has {tmp.stat().st_size} bytes, expected {shard.size}")
+                    os.replace(tmp, out / shard.name)
+                    _fsync_dir(out)
+                    done[shard.name] = {"sha256": item.digest, "size": shard.size, "tensors": shard_stats}
+                    _journal_write(out, plan, done)
         except _Stop:
             pass
         except BaseException as exc:  # noqa: BLE001
             pipe.fail(exc)
         finally:
-            if f is not None:
-                f.close()
+            if fd is not None:
+                os.close(fd)
 
-    threads = [threading.Thread(target=reader, name="merge-reader", daemon=True),
-               threading.Thread(target=writer, name="merge-writer", daemon=True)]
+    threads = [threading.Thread(target=f, name=f"merge-{f.__name__}", daemon=True) for f in (reader, hasher, writer)]
     for th in threads:
         th.start()
     samples: tuple[list, list] = ([], [])
@@ -638,7 +693,7 @@ def _run_pipeline(plan: Plan, todo: list[PlannedShard], base: CheckpointReader, 
         while True:
             item = pipe.get(q_read)
             if item is _DONE:
-                pipe.put(q_write, _DONE)
+                pipe.put(q_hash, _DONE)
                 break
             t = item.tensor
             if t.kind == "copy":
@@ -653,29 +708,29 @@ def _run_pipeline(plan: Plan, todo: list[PlannedShard], base: CheckpointReader, 
                 if first < item.hi:
                     samples[0].append(b[first - item.lo::step].clone())
                     samples[1].append(o[first - item.lo::step].clone())
-                if t.kind == "add":
-                    item.out = b.add_(o)
-                else:
-                    item.out = o.sub_(b)
+                item.out = b.add_(o) if t.kind == "add" else o.sub_(b)
                 if item.last:
                     if t.numel:
                         item.stats = tensor_stats(plan.mode, torch.cat(samples[0]), torch.cat(samples[1]))
                         check.add(t, item.stats)  # may stop the merge before this tensor is written
-                    else:
-                        item.stats = None
                     samples = ([], [])
-            pipe.put(q_write, item)
+            # buffers that do not hold the result go back to the pool now
+            ptr = item.out.untyped_storage().data_ptr()
+            keep = []
+            for buf in item.bufs:
+                (keep.append if buf.untyped_storage().data_ptr() == ptr else pool.put)(buf)
+            item.bufs = keep
+            item.base = item.other = None
+            item.data = memoryview(item.out.contiguous().view(-1).view(torch.uint8).numpy())
+            pipe.put(q_hash, item)
         for th in threads:
-            while th.is_alive():
+            while th.is_alive() and not pipe.abort.is_set():
                 th.join(0.1)
-                if pipe.abort.is_set():
-                    break
     except _Stop:
         pass
     except BaseException as exc:
         pipe.fail(exc)
     finally:
-        pipe.abort.set() if pipe.error is not None else None
         for th in threads:
             th.join(timeout=30)
     if pipe.error is not None:
@@ -728,10 +783,18 @@ def _existing_ancestor(path: Path) -> Path:
 def _run(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Options) -> Result:
     import torch
 
+    # The arithmetic is a small part of the work; one thread leaves the cores to reading, hashing and writing.
+    before = torch.get_num_threads()
+    torch.set_num_threads(opts.threads or 1)
+    try:
+        return _run_locked(mode, base_dir, other_dir, out, opts)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Options) -> Result:
     start = time.monotonic()
     role = _other_role(mode)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     if opts.max_shard_size <= 0:
         raise BaylingError("--max-shard-size must be positive")
     _check_paths(out, base_dir, other_dir, role)

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                      help="largest output shard, e.g. 2GB, 5GB, 500MB, 4GiB (default: %(default)s)")
     opt.add_argument("--threads", type=int, default=None, metavar="N",
-                     help="PyTorch threads for the arithmetic (default: all cores)")
+                     help="PyTorch threads for the arithmetic (default: 1; reading, hashing and writing run in their own threads)")
     opt.add_argument("--keep-free", default="256MiB", metavar="SIZE",
                      help="disk space that must remain free on the output's file system (default: %(default)s)")
     opt.add_argument("--force", action="store_true",
