@@ -50,8 +50,9 @@ _ST_DTYPES = {
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                 "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
-# How much may be copied out of one mmapped .bin file before the mapping is dropped and reopened.
-_BIN_REMAP_BYTES = 256 * 1024 * 1024
+# How much may be copied out of a mmapped .bin file before the mapping is dropped and reopened
+# (its pages stay resident while it is mapped); a reader keeps one .bin file mapped at a time.
+_BIN_REMAP_BYTES = 128 * 1024 * 1024
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -342,6 +343,9 @@ class CheckpointReader:
                 _pread_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * info.itemsize, info.file)
             return buf.view(dtype)
         binf = self._bins[info.file]
+        for other in self._bins.values():
+            if other is not binf:
+                other.close()
         src = binf.tensor(name)
         flat = src.reshape(-1)[start:stop]
         result = buf.view(dtype)

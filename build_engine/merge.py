@@ -15,9 +15,10 @@ How it works
   inputs and a lack of disk space therefore fail before the output exists.
 * Stream. A reader thread reads chunks of at most ``CHUNK_BYTES`` from both
   inputs into a fixed pool of buffers, the main thread adds (subtracts) them in
-  place and takes a small sample for the statistics, a writer thread writes the
-  chunks into the shard file and hashes them. Memory use is the buffer pool
-  plus one chunk in conversion, whatever the model or tensor size.
+  place and takes a small sample for the statistics, a hasher thread feeds the
+  shard's SHA-256 and a writer thread writes the chunks into the shard file,
+  dropping what is written back from the page cache. Memory use is the buffer
+  pool plus one chunk in conversion, whatever the model or tensor size.
 * Safe output. Each shard is written as ``NAME.tmp``, fsynced and renamed, so a
   shard file under its final name is always complete. After every shard a
   journal (``bayling-merge.journal.json``) records its SHA-256; a re-run with
@@ -458,7 +459,7 @@ def _check_paths(out: Path, base_dir: Path, other_dir: Path, role: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The pipeline: reader thread -> adder (this thread) -> writer thread
+# The pipeline: reader thread -> adder (this thread) -> hasher thread -> writer thread
 
 
 class _Stop(Exception):
