@@ -45,6 +45,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# merge.py imports torch only when it runs, so this stays light
+from .merge import DEFAULT_MAX_INEXACT, DEFAULT_MAX_RATIO
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_argument_group("mode (default: apply a delta)")
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--delta", metavar="DELTA_DIR", help="the weight difference to apply (merge mode)")
     io.add_argument("--target", metavar="TARGET_DIR", help="the fine-tuned model (--make-diff mode)")
     io.add_argument("--output", "-o", metavar="OUT_DIR", help="where to write the result (new or empty folder)")
-    opt = parser.add_argument_group("options")
+    opt = parser.add_argument_group("merge options")
     opt.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                      help="largest output shard, e.g. 2GB, 5GB, 500MB, 4GiB (default: %(default)s)")
     opt.add_argument("--threads", type=int, default=None, metavar="N",
@@ -67,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chk = parser.add_argument_group("base check")
     chk.add_argument("--skip-base-check", action="store_true",
                      help="record the base-check statistics but do not stop when they look wrong")
-    chk.add_argument("--max-delta-ratio", type=float, default=0.5, metavar="R",
+    chk.add_argument("--max-delta-ratio", type=float, default=DEFAULT_MAX_RATIO, metavar="R",
                      help="largest rms(delta)/rms(base) of a weight matrix (default: %(default)s)")
-    chk.add_argument("--max-inexact", type=float, default=0.05, metavar="F",
+    chk.add_argument("--max-inexact", type=float, default=DEFAULT_MAX_INEXACT, metavar="F",
                      help="largest fraction of sampled elements for which fl16(base + delta) - base != delta "
                           "(default: %(default)s)")
 

@@ -437,6 +437,11 @@ def test_help_explains_the_three_modes():
                   "bayling merge --make-diff --base LLAMA_DIR --target TARGET_DIR --output DELTA_DIR",
                   "bayling merge --verify OUT_DIR", "--skip-base-check", "--max-shard-size"):
         assert usage in res.stdout
+    # `bayling merge --help` and the dispatcher stay light: no torch until a merge runs
+    res = subprocess.run([sys.executable, "-c", "import sys, bayling.build_engine.merge_cli; "
+                          "print('torch' in sys.modules, 'safetensors' in sys.modules)"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.stdout.split() == ["False", "False"]
 
 
 def test_mode_arguments_are_checked(model, tmp_path, capsys):
