@@ -370,6 +370,15 @@ def test_verify_detects_changed_and_missing_files(model, tmp_path, capsys):
     (out / "tokenizer.model").unlink()
     assert run_cli("--verify", out) == 1
     assert "tokenizer.model is missing" in capsys.readouterr().err
+    # the same merge command repairs it: only the damaged shard is written again
+    good = {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors") if p != shard}
+    assert run_cli("--base", model["base"], "--delta", model["delta"], "--output", out,
+                   "--max-shard-size", "100KB") == 0
+    assert f"{shard.name} is missing or changed" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors") if p != shard} == good
+    assert run_cli("--verify", out) == 0
+    merged = load_output(out)
+    assert all(same_bits(merged[n], t) for n, t in add16(model["B"], model["D"]).items())
 
 
 def _kill_after_shards(args: list[str], out: Path, shards: int) -> subprocess.Popen:
