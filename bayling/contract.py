@@ -231,3 +231,18 @@ def tensor(model: str, name: str) -> Tensor:
         if t.name == name:
             return t
     raise KeyError(f"{model} has no tensor {name!r}")
+
+
+def request_arrays(model: str, values: dict) -> dict[str, np.ndarray]:
+    """Client-side request tensors for `model`: each value as shape [1, ...] with the contract's dtype.
+    Strings are UTF-8 encoded (bytes pass through); a list fills a [-1] dimension."""
+    arrays = {}
+    for name, value in values.items():
+        spec = tensor(model, name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if spec.dtype == "STRING":
+            arrays[name] = np.array([[v if isinstance(v, bytes) else str(v).encode("utf-8") for v in items]],
+                                    dtype=np.object_)
+        else:
+            arrays[name] = np.array([list(items)], dtype=spec.numpy_dtype)
+    return arrays
