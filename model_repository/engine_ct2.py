@@ -7,8 +7,13 @@ one CTranslate2 batch; each request stops on its own (its length, end id, stop w
 cancellation) through the per-token callback, while the rest of its batch goes on.
 
 CTranslate2 batches are static (a batch runs until its last member ends); requests that
-arrive meanwhile wait for the next batch. Sampling with a fixed `random_seed` runs alone,
-because CTranslate2's seed is process-wide and only a batch of one replays exactly.
+arrive meanwhile wait for the next batch.
+
+Sampling with a fixed `random_seed` runs alone, on a freshly created generator:
+CTranslate2's sampler uses a random generator per worker thread, seeded once from the
+process-wide seed when the thread first samples, so `set_random_seed` only reaches a new
+worker. Creating one reloads the engine files (about 0.1 s for the default model, more
+for larger ones), a cost paid only by seeded sampling requests.
 """
 
 from __future__ import annotations
@@ -90,14 +95,17 @@ class Ct2Engine:
         import ctranslate2
 
         self._ct2 = ctranslate2
-        self.generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type,
-                                               intra_threads=intra_threads, inter_threads=inter_threads)
+        self._generator_options = dict(model_path=model_dir, device="cpu", compute_type=compute_type,
+                                       intra_threads=intra_threads, inter_threads=inter_threads)
+        self.generator = ctranslate2.Generator(**self._generator_options)
         self.vocabulary: list[str] = json.loads((Path(model_dir) / "vocabulary.json").read_text(encoding="utf-8"))
         self.max_batch_size = max_batch_size
         self.gather_s = gather_ms / 1000
         self._pending: deque[_Active] = deque()
         self._by_id: dict[str, _Active] = {}
         self._cond = threading.Condition()
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent CTranslate2 batch sizes (tests, metrics)
+        self.generated_tokens = 0
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="ct2-scheduler", daemon=True)
         self._thread.start()
@@ -175,9 +183,12 @@ class Ct2Engine:
             return batch
 
     def _run(self, batch: list[_Active]) -> None:
+        self.batch_sizes.append(len(batch))
         first = batch[0].request
+        generator = self.generator
         if first.random_seed is not None and not first.greedy:
             self._ct2.set_random_seed(int(first.random_seed))
+            generator = self._ct2.Generator(**self._generator_options)  # a new worker takes the seed
         vocab = self.vocabulary
         options = dict(max_length=max(a.request.max_new_tokens for a in batch), include_prompt_in_result=False,
                        repetition_penalty=first.repetition_penalty, min_length=first.min_length,
@@ -201,6 +212,7 @@ class Ct2Engine:
                 self._finish(active)
                 return True
             active.generated.append(step.token_id)
+            self.generated_tokens += 1
             active.log_probs.append(float(step.log_prob or 0.0))
             active.unsent += 1
             n = len(active.generated)
@@ -214,8 +226,10 @@ class Ct2Engine:
                 self._send(active, final=False)
             return False
 
-        self.generator.generate_batch([[vocab[t] for t in a.request.input_ids] for a in batch],
-                                      callback=on_token, **options)
+        generator.generate_batch([[vocab[t] for t in a.request.input_ids] for a in batch],
+                                 callback=on_token, **options)
+        if generator is not self.generator:
+            del generator
         for active in batch:
             if not active.done:
                 self._finish(active)
@@ -232,8 +246,8 @@ class Ct2Engine:
         active.unsent = 0
         try:
             active.sink(Emission(tokens, probs, final, error))
-        except Exception:  # the client went away; nothing more to send to it
-            log.debug("could not send a response for %s", active.request.request_id, exc_info=True)
+        except Exception:  # typically the client went away; nothing more can reach it
+            log.warning("could not send a response for request %r", active.request.request_id, exc_info=True)
             active.done = True
 
     def _finish(self, active: _Active, error: Exception | None = None) -> None:

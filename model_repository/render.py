@@ -105,7 +105,9 @@ def render_config(model: str, manifest: EngineManifest, engine_dir: Path, option
     name = f"{model}_{engine_variant(manifest)}" if model == contract.ENGINE_MODEL else model
     source = template_dir() / name / "config.pbtxt.in"
     values = {k: str(v) for k, v in asdict(options).items()}
-    values.update(engine_dir=str(engine_dir), io=contract.io_blocks(model), ensemble_scheduling=ensemble_scheduling())
+    values.update(engine_dir=str(engine_dir), io=contract.io_blocks(model), ensemble_scheduling=ensemble_scheduling(),
+                  model_name=manifest.model_name.replace('"', "'"), engine=manifest.engine, template=manifest.template,
+                  max_context=str(manifest.max_context))
     if name == "tensorrt_llm_gpu":
         values.update(gpu_values(manifest, engine_dir))
     try:

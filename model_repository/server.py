@@ -76,6 +76,16 @@ def container_launcher() -> Launcher:
     return Launcher(Path(binary), None, dict(os.environ))
 
 
+def _die_with_parent() -> None:
+    """In the child: if the process that started tritonserver dies, so does tritonserver (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class TritonServer:
     repository: Path
@@ -116,7 +126,7 @@ class TritonServer:
     def start(self, timeout: float = 600) -> "TritonServer":
         out = open(self.log_file, "ab") if self.log_file else None
         self.process = subprocess.Popen(self.command(), env=self.launcher.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         if out:
             out.close()
         deadline = time.monotonic() + timeout

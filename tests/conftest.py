@@ -29,6 +29,7 @@ SCRIPT_SHOWN = "我是百聆，来自龘。"             # what a user reads
 def pytest_addoption(parser):
     parser.addoption("--grpc-url", help="run end-to-end tests against this server's gRPC endpoint (host:port)")
     parser.addoption("--http-url", help="... and this HTTP endpoint (host:port)")
+    parser.addoption("--metrics-url", help="... and this metrics endpoint (http://host:port/metrics)")
 
 
 def pytest_configure(config):
@@ -109,6 +110,7 @@ class Endpoints:
     http: str
     engine: Path | None  # None for an external server
     log: Path | None = None
+    metrics: str | None = None
 
 
 def _start(engine: Path, log_dir: Path):
@@ -127,16 +129,16 @@ def default_server(request, tmp_path_factory):
     """The server for the embedded default model, or the external server given on the command line."""
     grpc, http = request.config.getoption("--grpc-url"), request.config.getoption("--http-url")
     if grpc and http:
-        yield Endpoints(grpc, http, None)
+        yield Endpoints(grpc, http, None, metrics=request.config.getoption("--metrics-url"))
         return
     default_engine = request.getfixturevalue("default_engine")
     server = _start(default_engine, tmp_path_factory.mktemp("server-default"))
-    yield Endpoints(server.grpc_url, server.http_url, default_engine, server.log_file)
+    yield Endpoints(server.grpc_url, server.http_url, default_engine, server.log_file, server.metrics_url)
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def scripted_server(scripted_engine, tmp_path_factory):
     server = _start(scripted_engine, tmp_path_factory.mktemp("server-scripted"))
-    yield Endpoints(server.grpc_url, server.http_url, scripted_engine, server.log_file)
+    yield Endpoints(server.grpc_url, server.http_url, scripted_engine, server.log_file, server.metrics_url)
     server.stop()

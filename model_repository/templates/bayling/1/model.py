@@ -26,6 +26,10 @@ class TritonPythonModel:
         params = io.model_parameters(args)
         self.entry = Entry(load_engine_text(params["engine_dir"]))
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_concurrency"]), thread_name_prefix="bayling")
+        # A metric lives only as long as its family: keep the family referenced.
+        self.requests_family = pb_utils.MetricFamily(name="bayling_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+                                                     description="Requests answered by the bayling model, by finish reason")
+        self.finished = {r: self.requests_family.Metric(labels={"finish_reason": r}) for r in ("stop", "length", "cancelled")}
 
     def execute(self, requests):
         for request in requests:
@@ -47,8 +51,9 @@ class TritonPythonModel:
         try:
             req = self.entry.parse(io.read_inputs(request, ENTRY_INPUTS))
             request_id = uuid.uuid4().hex
-            self.entry.generate(req, self._engine(req, request_id), lambda: self._stop(request_id),
-                                sender.is_cancelled, send)
+            reason = self.entry.generate(req, self._engine(req, request_id), lambda: self._stop(request_id),
+                                         sender.is_cancelled, send)
+            self.finished[reason].increment(1)
         except Exception as exc:
             if not isinstance(exc, BaylingError):
                 log.exception("bayling request failed")

@@ -1,0 +1,186 @@
+"""End to end: a real tritonserver serving real INT8 engines, over gRPC and HTTP.
+
+`default_server` serves the embedded SmolLM2 model (or the server given with --grpc-url/--http-url);
+`scripted_server` serves a tiny BayLing-templated LLaMA built by the tests whose greedy answer
+is known exactly (tests/models.py), with placeholders and byte-fallback Chinese in it.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+
+from tests.conftest import SCRIPT_SHOWN
+from tests.triton_helpers import chat, final_value, grpc_stream, http_generate, metric
+
+pytestmark = pytest.mark.e2e
+GREEDY = {"temperature": 0.0}
+
+
+def test_chat_answer_over_grpc(default_server):
+    result = grpc_stream(default_server.grpc, chat("What is the capital of France?", max_tokens=32, **GREEDY))
+    assert result.error is None
+    assert "Paris" in result.text
+    assert final_value(result, "finish_reason") == "stop"
+    assert final_value(result, "prompt_tokens") > 5 and 0 < final_value(result, "completion_tokens") <= 32
+
+
+def test_chat_answer_over_http(default_server):
+    status, body = http_generate(default_server.http, chat("What is the capital of France?", max_tokens=32, **GREEDY))
+    assert status == 200, body
+    assert "Paris" in body["text_output"] and body["finish_reason"] == "stop"
+
+
+def test_streamed_pieces_join_to_the_non_streamed_text_for_the_same_seed(default_server):
+    request = chat("Write two sentences about the sea.", max_tokens=48, temperature=0.8, top_p=0.95, random_seed=7)
+    streamed = grpc_stream(default_server.grpc, {**request, "stream": True})
+    whole = grpc_stream(default_server.grpc, {**request, "stream": False})
+    assert streamed.error is None and whole.error is None
+    assert len(streamed.pieces) > 3 and len(whole.pieces) == 1
+    assert streamed.text == whole.text
+    status, events = http_generate(default_server.http, {**request, "stream": True}, stream=True)
+    assert status == 200 and "".join(e["text_output"] for e in events) == whole.text
+
+
+def test_chinese_streamed_token_by_token_equals_the_non_streamed_answer(default_server):
+    request = chat("请用中文介绍一下北京，两句话。", max_tokens=60, **GREEDY)
+    streamed = grpc_stream(default_server.grpc, {**request, "stream": True})
+    whole = grpc_stream(default_server.grpc, request)
+    assert streamed.text == whole.text
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in whole.text)
+    assert not any("\ufffd" in piece for piece in streamed.pieces)
+
+
+@pytest.mark.cpu_engine
+def test_greedy_output_equals_ctranslate2_in_process(default_server):
+    import ctranslate2
+    from transformers import AutoTokenizer
+
+    result = grpc_stream(default_server.grpc, chat("Name three colors.", max_tokens=40, return_prompt_ids=True, **GREEDY))
+    prompt_ids = result.final["prompt_ids"].reshape(-1).tolist()
+    engine = default_server.engine
+    tokenizer = AutoTokenizer.from_pretrained(str(engine / "tokenizer"))
+    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="int8")
+    try:
+        out = generator.generate_batch([tokenizer.convert_ids_to_tokens(prompt_ids)], max_length=40, sampling_topk=1,
+                                       include_prompt_in_result=False, end_token=[tokenizer.eos_token_id])
+    finally:
+        del generator
+    assert result.text == tokenizer.decode(out[0].sequences_ids[0], skip_special_tokens=True)
+    assert final_value(result, "completion_tokens") == len(out[0].sequences_ids[0])
+
+
+def test_max_tokens_is_honoured(default_server):
+    result = grpc_stream(default_server.grpc, chat("Tell me a long story about a dragon.", max_tokens=5, **GREEDY))
+    assert final_value(result, "completion_tokens") == 5
+    assert final_value(result, "finish_reason") == "length"
+
+
+def test_stop_strings_are_honoured_and_never_shown(default_server):
+    request = chat("What is the capital of France?", max_tokens=32, stop_words=["Paris"], stream=True, **GREEDY)
+    result = grpc_stream(default_server.grpc, request)
+    assert result.text == "The capital of France is "
+    assert final_value(result, "finish_reason") == "stop"
+    assert not any("P" in piece for piece in result.pieces)
+
+
+@pytest.mark.cpu_engine
+def test_cancelling_a_stream_stops_generation_on_the_server(default_server):
+    name = "bayling_engine_generated_tokens_total"
+    before = metric(default_server.metrics, name)
+    request = chat("Tell me a very long story.", max_tokens=1500, min_length=1500, stream=True, **GREEDY)
+    result = grpc_stream(default_server.grpc, request, read_pieces=5)
+    assert len(result.pieces) >= 5 and not result.final
+    time.sleep(2)  # the engine notices within a few tokens
+    settled = metric(default_server.metrics, name)
+    time.sleep(2)
+    assert metric(default_server.metrics, name) == settled, "the engine kept generating after the client left"
+    assert settled - before < 200  # far from the 1500 tokens asked for
+    assert metric(default_server.metrics, 'bayling_requests_total{finish_reason="cancelled"}') >= 1
+
+
+def test_sixteen_concurrent_streams_all_finish_correctly(default_server):
+    results = {}
+
+    def run(i):
+        n = 6 + i  # each stream asks for its own length: answers cannot be mixed up unnoticed
+        results[i] = (n, grpc_stream(default_server.grpc, chat(f"Count slowly from {i} upwards.", max_tokens=n,
+                                                                min_length=n, stream=True, **GREEDY)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 16
+    for n, result in results.values():
+        assert result.error is None
+        assert final_value(result, "completion_tokens") == n
+        assert final_value(result, "finish_reason") == "length"
+        assert result.text.strip()
+
+
+def test_ensemble_keeps_nvidia_s_interface(default_server):
+    status, body = http_generate(default_server.http, {"text_input": "The capital of France is", "max_tokens": 8,
+                                                       "top_k": 1}, model="ensemble")
+    assert status == 200, body
+    assert "Paris" in body["text_output"]
+    result = grpc_stream(default_server.grpc, {"text_input": "The capital of France is", "max_tokens": 8, "top_k": 1,
+                                               "stream": True}, model="ensemble")
+    assert result.error is None and len(result.pieces) >= 2
+
+
+BAD_INPUTS = [
+    ({"messages": "[]"}, "messages"),
+    ({"messages": json.dumps([{"role": "wizard", "content": "hi"}])}, "messages"),
+    ({"messages": '[{"role": "user", "content": "hi"'}, "messages"),
+    (chat("hi", max_tokens=-3), "max_tokens"),
+    (chat("hi", max_tokens=10**8), "max_tokens"),
+    (chat("hi", temperature=-0.5), "temperature"),
+    (chat("hi", top_p=0.0), "top_p"),
+    (chat("hi", top_p=1.5), "top_p"),
+    (chat("hi " * 9000, max_tokens=16), "messages"),
+]
+
+
+@pytest.mark.parametrize("values, field", BAD_INPUTS + [
+    ({"messages": b'[{"role": "user", "content": "\xff\xfe"}]'}, "messages"),
+    ({"text_input": b"caf\xe9"}, "text_input"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input_is_invalid_argument_over_grpc_and_the_server_keeps_serving(default_server, values, field):
+    result = grpc_stream(default_server.grpc, values)
+    assert result.error is not None, "a bad request was accepted"
+    assert result.error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert result.error.message().startswith(f"{field}:"), result.error.message()
+    ok = grpc_stream(default_server.grpc, chat("Say hi.", max_tokens=4, **GREEDY))
+    assert ok.error is None and ok.text
+
+
+@pytest.mark.parametrize("values, field", BAD_INPUTS)
+def test_bad_input_is_http_400_naming_the_field(default_server, values, field):
+    status, body = http_generate(default_server.http, values)
+    assert status == 400
+    assert body["error"].startswith(f"{field}:"), body
+
+
+def test_scripted_model_shows_placeholders_replaced_and_chinese_whole(scripted_server):
+    request = chat("你好", max_tokens=40, stream=True, **GREEDY)
+    streamed = grpc_stream(scripted_server.grpc, request)
+    whole = grpc_stream(scripted_server.grpc, {**request, "stream": False})
+    assert whole.text == SCRIPT_SHOWN
+    assert streamed.text == SCRIPT_SHOWN
+    assert final_value(whole, "finish_reason") == "stop"
+    assert not any("[" in p or "\ufffd" in p for p in streamed.pieces)  # no partial placeholder, no half character
+
+
+def test_long_conversations_drop_whole_old_turns(scripted_server):
+    messages = []
+    for i in range(30):
+        messages += [{"role": "user", "content": f"问题 {i} " + "你好 " * 4}, {"role": "assistant", "content": "好的 " * 4}]
+    messages.append({"role": "user", "content": "最后一个问题"})
+    result = grpc_stream(scripted_server.grpc, {"messages": json.dumps(messages, ensure_ascii=False),
+                                                "max_tokens": 32, "return_prompt_ids": True, **GREEDY})
+    assert result.error is None
+    assert result.text == SCRIPT_SHOWN
+    assert final_value(result, "prompt_tokens") <= 256 - 32  # the tiny model's context

@@ -1,0 +1,129 @@
+"""The CPU engine's scheduler on a real CTranslate2 engine: per-request limits, stop words,
+end id, cancellation, `stop` requests and batching. The scripted tiny model's greedy output is
+known exactly (tests/models.py)."""
+
+import threading
+
+import pytest
+
+from bayling.manifest import ENGINE_SUBDIRS
+from bayling.templates import builtin_template
+from bayling.tokenization import PromptEncoder
+from bayling.model_repository.engine_ct2 import Ct2Engine, EngineRequest
+
+
+class Collector:
+    def __init__(self):
+        self.emissions, self.done = [], threading.Event()
+
+    def __call__(self, emission):
+        self.emissions.append(emission)
+        if emission.final:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [t for e in self.emissions for t in e.token_ids]
+
+    def wait(self):
+        assert self.done.wait(60), "no final response"
+        return self
+
+
+@pytest.fixture(scope="module")
+def engine(scripted_engine):
+    e = Ct2Engine(str(scripted_engine / ENGINE_SUBDIRS["ctranslate2"]), max_batch_size=8, gather_ms=50)
+    yield e
+    e.shutdown()
+    del e.generator
+
+
+@pytest.fixture(scope="module")
+def prompt_and_script(llama_tokenizer):
+    from tests.conftest import SCRIPT_TEXT
+
+    encoder = PromptEncoder(llama_tokenizer, builtin_template("bayling"))
+    prompt = encoder.encode_messages([{"role": "user", "content": "hi"}]).ids
+    return prompt, llama_tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
+
+
+def greedy(prompt, request_id="", **kw):
+    return EngineRequest(request_id=request_id, input_ids=prompt, max_new_tokens=kw.pop("max_new_tokens", 64),
+                         end_id=2, top_k=1, **kw)
+
+
+def test_greedy_follows_the_script_and_ends_at_end_id(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt), out)
+    out.wait()
+    assert out.tokens == script  # EOS ends it and is not part of the output
+    assert len(out.emissions) == 1 and out.emissions[0].final  # not streaming: one response
+
+
+def test_streaming_sends_each_token(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt, streaming=True), out)
+    out.wait()
+    assert out.tokens == script
+    assert [len(e.token_ids) for e in out.emissions[:-1]] == [1] * (len(out.emissions) - 1)
+
+
+def test_max_new_tokens_and_stop_words(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    short, stopped = Collector(), Collector()
+    engine.submit(greedy(prompt, max_new_tokens=3), short)
+    engine.submit(greedy(prompt, stop_words=[script[4:6]]), stopped)
+    assert short.wait().tokens == script[:3]
+    assert stopped.wait().tokens == script[:6]  # ends on the stop word, which is included (as TensorRT-LLM)
+
+
+def test_concurrent_requests_share_a_batch_and_stay_separate(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    outs = [Collector() for _ in range(6)]
+    before = len(engine.batch_sizes)
+    for i, out in enumerate(outs):
+        engine.submit(greedy(prompt, max_new_tokens=2 + i), out)
+    for i, out in enumerate(outs):
+        assert out.wait().tokens == script[:2 + i]
+    assert max(list(engine.batch_sizes)[before:]) > 1
+
+
+def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script, scripted_engine):
+    prompt, script = prompt_and_script
+    cancelled, stopped = Collector(), Collector()
+    engine.submit(greedy(prompt, max_new_tokens=500), cancelled, is_cancelled=lambda: True)
+    engine.submit(greedy(prompt, request_id="r-1", streaming=True), stopped)
+    engine.stop("r-1")
+    assert len(cancelled.wait().tokens) < 8
+    assert len(stopped.wait().tokens) < len(script)
+    assert stopped.emissions[-1].final
+
+
+def test_sampling_with_a_seed_repeats_whatever_ran_before(default_engine, smol_tokenizer):
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]))
+    prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
+                                                add_generation_prompt=True)["input_ids"]
+
+    def sample(seed):
+        out = Collector()
+        engine.submit(EngineRequest("", prompt, 16, end_id=None, temperature=1.5, top_k=0, top_p=1.0,
+                                    random_seed=seed), out)
+        return out.wait().tokens
+
+    try:
+        first = sample(1234)
+        sample(None)  # unseeded sampling in between moves the shared random state
+        assert sample(1234) == first and len(first) == 16
+        assert sample(99) != first
+    finally:
+        engine.shutdown()
+        del engine.generator
+
+
+def test_invalid_ids_are_refused(engine):
+    from bayling.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="input_ids"):
+        engine.submit(greedy([1, 10**6]), Collector())

@@ -1,0 +1,51 @@
+"""Generation parameters: BayLing's defaults, and each bad value named in the error."""
+
+import math
+
+import pytest
+
+from bayling.errors import InvalidInput
+from bayling.params import GenerationParams, validate
+
+
+def test_defaults_are_bayling_s():
+    p = validate({})
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_tokens) == (0.7, 1.0, 0, 1.0, 512)
+    assert not p.greedy and validate({"temperature": 0.0}).greedy and validate({"temperature": 9e-6}).greedy
+
+
+def test_defaults_come_from_the_engine():
+    p = validate({"top_p": 0.9}, defaults=GenerationParams(max_tokens=64, temperature=0.1))
+    assert (p.max_tokens, p.temperature, p.top_p) == (64, 0.1, 0.9)
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"max_tokens": 10**9}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"random_seed": -1}, "random_seed"),
+    ({"stop_words": [""]}, "stop_words"),
+    ({"stop_words": ["x"] * 17}, "stop_words"),
+    ({"beam_width": 4}, "beam_width"),
+    ({"max_tokens": "12"}, "max_tokens"),
+    ({"n": 2}, "n"),
+])
+def test_bad_values_name_their_field(values, field):
+    with pytest.raises(InvalidInput) as info:
+        validate(values, max_context=2048)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_max_tokens_limited_by_context():
+    assert validate({"max_tokens": 2048}, max_context=2048).max_tokens == 2048
+    with pytest.raises(InvalidInput, match="max_tokens: must be between 1 and 2048"):
+        validate({"max_tokens": 2049}, max_context=2048)

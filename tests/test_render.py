@@ -1,0 +1,114 @@
+"""The rendered model repository: every config parses with Triton's ModelConfig protobuf, no
+placeholder survives, I/O comes from the contract, and the CPU and GPU engine models agree."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from bayling import contract
+from bayling.errors import BaylingError
+from bayling.manifest import read_manifest, write_manifest
+from bayling.model_repository.render import MODELS, check_config, render_repository
+
+
+def parse(path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def io_signature(config):
+    return ([(i.name, i.data_type, list(i.dims), i.optional) for i in config.input],
+            [(o.name, o.data_type, list(o.dims)) for o in config.output])
+
+
+@pytest.fixture(scope="module")
+def gpu_engine(default_engine, tmp_path_factory):
+    """An engine folder whose manifest says TensorRT-LLM, with the planner's serving values."""
+    engine = tmp_path_factory.mktemp("gpu") / "engine"
+    shutil.copytree(default_engine / "tokenizer", engine / "tokenizer")
+    shutil.copy(default_engine / "chat_template.jinja", engine)
+    manifest = dataclasses.replace(read_manifest(default_engine), engine="tensorrt_llm", build={"triton": {
+        "max_batch_size": 64, "max_beam_width": 1, "kv_cache_free_gpu_mem_fraction": 0.9,
+        "max_tokens_in_paged_kv_cache": 65536, "enable_kv_cache_reuse": "true", "enable_chunked_context": "true",
+        "batch_scheduler_policy": "max_utilization"}})
+    write_manifest(engine, manifest)
+    return engine
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_every_config_parses_with_no_placeholder_left(variant, default_engine, gpu_engine, tmp_path):
+    repo = render_repository(default_engine if variant == "cpu" else gpu_engine, tmp_path / "repo")
+    for model in MODELS:
+        text = (repo / model / "config.pbtxt").read_text()
+        assert "${" not in text
+        config = parse(repo / model / "config.pbtxt")
+        assert config.name == model
+        inputs, outputs = contract.MODELS[model]
+        assert [i.name for i in config.input] == [t.name for t in inputs]
+        assert [o.name for o in config.output] == [t.name for t in outputs]
+    engine = parse(repo / "tensorrt_llm" / "config.pbtxt")
+    assert engine.backend == ("python" if variant == "cpu" else "tensorrtllm")
+    assert engine.model_transaction_policy.decoupled
+    assert (repo / "tensorrt_llm" / "1" / "model.py").exists() == (variant == "cpu")
+
+
+def test_cpu_and_gpu_engine_models_declare_the_same_tensors(default_engine, gpu_engine, tmp_path):
+    cpu = parse(render_repository(default_engine, tmp_path / "cpu") / "tensorrt_llm" / "config.pbtxt")
+    gpu = parse(render_repository(gpu_engine, tmp_path / "gpu") / "tensorrt_llm" / "config.pbtxt")
+    assert io_signature(cpu) == io_signature(gpu)
+    assert cpu.max_batch_size > 0 and gpu.max_batch_size == 64
+    params = {k: v.string_value for k, v in gpu.parameters.items()}
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["exclude_input_in_output"] == "true"
+    assert params["gpt_model_path"] == str(gpu_engine.resolve() / "trtllm")
+
+
+def test_everything_but_the_engine_model_is_identical(default_engine, gpu_engine, tmp_path):
+    """Apart from parameters (engine path, model description) and the batch size (the engine's), the
+    other models are the same on CPU and GPU."""
+    cpu = render_repository(default_engine, tmp_path / "cpu")
+    gpu = render_repository(gpu_engine, tmp_path / "gpu")
+    for model in ("preprocessing", "postprocessing", "ensemble", "bayling"):
+        a, b = parse(cpu / model / "config.pbtxt"), parse(gpu / model / "config.pbtxt")
+        for config in (a, b):
+            config.ClearField("parameters")
+            config.ClearField("max_batch_size")
+        assert a == b, model
+        assert (cpu / model / "1" / "model.py").exists() == (gpu / model / "1" / "model.py").exists()
+
+
+def test_entry_model_tells_clients_about_the_model(default_engine, tmp_path):
+    config = parse(render_repository(default_engine, tmp_path / "repo") / "bayling" / "config.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["model_name"] == "SmolLM2-135M-Instruct"
+    assert params["engine"] == "ctranslate2" and params["template"] == "hf" and int(params["max_context"]) == 8192
+
+
+def test_ensemble_wires_preprocessing_engine_and_postprocessing(default_engine, tmp_path):
+    config = parse(render_repository(default_engine, tmp_path / "repo") / "ensemble" / "config.pbtxt")
+    steps = config.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["preprocessing", "tensorrt_llm", "postprocessing"]
+    engine_inputs = {t.name for t in contract.ENGINE_INPUTS}
+    assert set(steps[1].input_map) <= engine_inputs
+    assert steps[1].input_map["streaming"] == "stream" and steps[2].output_map["OUTPUT"] == "text_output"
+
+
+def test_check_config_refuses_leftovers_and_drift():
+    with pytest.raises(BaylingError, match="placeholder"):
+        check_config('name: "bayling"\nmax_batch_size: ${max_batch_size}', "bayling")
+    with pytest.raises(BaylingError, match="does not parse"):
+        check_config('name: "bayling"\nnot_a_field: 1', "bayling")
+    with pytest.raises(BaylingError, match="inputs differ"):
+        check_config('name: "bayling"\ninput [ { name: "x" data_type: TYPE_INT32 dims: [ 1 ] } ]', "bayling")
+
+
+def test_a_failed_render_leaves_the_previous_repository(default_engine, tmp_path):
+    repo = render_repository(default_engine, tmp_path / "repo")
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(BaylingError):
+        render_repository(tmp_path / "broken", tmp_path / "repo")  # no manifest
+    assert (repo / "bayling" / "config.pbtxt").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.rendering")]
