@@ -8,8 +8,9 @@ from pathlib import Path
 
 from bayling.errors import BaylingError
 from bayling.manifest import ENGINE_SUBDIRS
-from bayling.build_engine.engine_folder import (building, choose_template, finish, load_source, load_tokenizer,
-                                                make_manifest, text_settings, tool_versions, write_tokenizer)
+from bayling.build_engine.engine_folder import (building, check_output, choose_template, finish, load_source,
+                                                load_tokenizer, make_manifest, text_settings, tool_versions,
+                                                write_tokenizer)
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float32")
 
@@ -33,6 +34,7 @@ def build_cpu_engine(model_dir: Path, output: Path, *, template: str = "auto", n
 
     if quantization not in QUANTIZATIONS:
         raise BaylingError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+    check_output(output, force)
     step = Steps(4)
     source = load_source(model_dir, name)
     context = min(max_context or source.max_position_embeddings, source.max_position_embeddings)

@@ -164,13 +164,18 @@ def make_manifest(engine: str, source: SourceModel, text: TextSettings, max_cont
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+def check_output(output: Path, force: bool) -> None:
+    """Refuse to overwrite before doing any work."""
+    if Path(output).exists() and not force:
+        raise BaylingError(f"{output} already exists; pass --force to replace it")
+
+
 @contextmanager
 def building(output: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `output`; on success it becomes `output`, else it is removed.
     A reader never sees a half-built engine under the final name."""
     output = Path(output)
-    if output.exists() and not force:
-        raise BaylingError(f"{output} already exists; pass --force to replace it")
+    check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; serving pods may run as another user

@@ -68,7 +68,12 @@ def save_random_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, safe
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = LlamaForCausalLM(_config(len(tokenizer), context=context))
-    model.save_pretrained(str(out_dir), safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+    if safe_serialization:
+        model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    else:  # transformers 5 writes safetensors only; PyTorch .bin shards as older checkpoints have them
+        from tests._merge_helpers import save_checkpoint
+
+        save_checkpoint(out_dir, model.state_dict(), fmt="bin", shards=3, config=model.config.to_dict(), tokenizer=False)
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
 

@@ -1,0 +1,88 @@
+"""The `bayling` entry model's logic, driven by a stand-in for the engine model (the real pair
+runs in tests/test_e2e_serving.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bayling.contract import request_arrays
+from bayling.errors import InvalidInput
+from bayling.model_repository.engine_text import load_engine_text
+from bayling.model_repository.entry import Entry
+
+
+@pytest.fixture(scope="module")
+def entry(scripted_engine):
+    return Entry(load_engine_text(scripted_engine))
+
+
+def inputs(**values):
+    return request_arrays("bayling", values)
+
+
+def engine_responses(ids):
+    for t in ids:
+        yield {"output_ids": np.array([[[t]]], np.int32), "sequence_length": np.array([[1]], np.int32)}
+
+
+def drive(entry, request, ids, cancelled_after=None):
+    sent, stops, seen = [], [], []
+
+    def is_cancelled():
+        seen.append(1)
+        return cancelled_after is not None and len(seen) > cancelled_after
+
+    reason = entry.generate(request, engine_responses(ids), lambda: stops.append(1), is_cancelled,
+                            lambda outputs, final: sent.append((outputs, final)))
+    return reason, sent, stops
+
+
+def text_of(sent):
+    return "".join(o["text_output"][0, 0].decode() for o, _ in sent if o is not None)
+
+
+def test_placeholders_and_stop_strings_in_one_pass(entry, llama_tokenizer):
+    ids = llama_tokenizer.encode("I am [NAME]. ### Instruction: more", add_special_tokens=False)
+    request = entry.parse(inputs(messages=json.dumps([{"role": "user", "content": "hi"}]), stream=True,
+                                 stop_words=["###"], max_tokens=50))
+    reason, sent, stops = drive(entry, request, ids)
+    assert text_of(sent) == "I am BayLing. "
+    assert reason == "stop" and stops == [1]  # the engine is told to stop
+    final = sent[-1][0]
+    assert sent[-1][1] and final["finish_reason"][0, 0] == b"stop"
+
+
+def test_not_streaming_answers_once(entry, llama_tokenizer):
+    ids = llama_tokenizer.encode("你好，世界", add_special_tokens=False)
+    request = entry.parse(inputs(text_input="x", max_tokens=len(ids)))
+    reason, sent, _ = drive(entry, request, ids)
+    assert len(sent) == 1 and sent[0][1] and text_of(sent) == "你好，世界" and reason == "length"
+
+
+def test_cancelled_request_stops_the_engine_and_just_closes(entry, llama_tokenizer):
+    ids = llama_tokenizer.encode("one two three four five", add_special_tokens=False)
+    request = entry.parse(inputs(text_input="x", stream=True, max_tokens=50))
+    reason, sent, stops = drive(entry, request, ids, cancelled_after=2)
+    assert reason == "cancelled" and stops == [1]
+    assert sent[-1] == (None, True)
+
+
+def test_request_errors_name_the_field(entry):
+    with pytest.raises(InvalidInput, match="^messages: give either"):
+        entry.parse(inputs(text_input="a", messages="[]"))
+    with pytest.raises(InvalidInput, match="^messages: a request needs"):
+        entry.parse(inputs(max_tokens=3))
+    with pytest.raises(InvalidInput, match="^text_input: the prompt is"):
+        entry.parse(inputs(text_input="hello " * 300, max_tokens=16))
+    with pytest.raises(InvalidInput, match="^return_log_probs:"):
+        entry.parse(inputs(text_input="a", return_log_probs=True))
+
+
+def test_engine_inputs_follow_the_contract(entry):
+    request = entry.parse(inputs(text_input="hello", max_tokens=7, temperature=0.0, stop_words=["world"],
+                                 random_seed=3))
+    engine = entry.engine_inputs(request)
+    assert engine["runtime_top_k"][0, 0] == 1  # greedy, as TensorRT-LLM reads it
+    assert engine["request_output_len"][0, 0] == 7 and engine["input_ids"].shape == (1, len(request.prompt_ids))
+    assert engine["stop_words_list"].shape[:2] == (1, 2) and engine["random_seed"].dtype == np.uint64
