@@ -76,6 +76,15 @@ def container_launcher() -> Launcher:
     return Launcher(Path(binary), None, dict(os.environ))
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _die_with_parent() -> None:
     """In the child: if the process that started tritonserver dies, so does tritonserver (Linux)."""
     try:

@@ -8,7 +8,6 @@ the local CPU engine files are marked `cpu_engine` and deselected there with `-m
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,12 +39,6 @@ def bayling_cli(*args: str, check: bool = True, **kwargs) -> subprocess.Complete
     """Run the real `bayling` command in a subprocess."""
     return subprocess.run([sys.executable, "-m", "bayling.cli", *args], capture_output=True, text=True,
                           check=check, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +108,7 @@ class Endpoints:
 
 def _start(engine: Path, log_dir: Path):
     from bayling.model_repository.render import render_repository
-    from bayling.model_repository.server import TritonServer, pytriton_launcher
+    from bayling.model_repository.server import TritonServer, free_port, pytriton_launcher
     from bayling.paths import cache_dir
 
     repo = render_repository(engine, log_dir / "model_repository")
