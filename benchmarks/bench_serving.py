@@ -63,9 +63,14 @@ def prompt_ids(tokenizer, prompts):
 
 
 def ct2_direct(engine: Path, tokenizer, prompts: list[str], tokens: int, batch: bool) -> tuple[float, int]:
+    """The same engine with the same thread setting as the served CPU engine model."""
     import ctranslate2
 
-    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="int8")
+    from bayling.manifest import read_manifest
+    from bayling.model_repository.render import cpu_threads_for
+
+    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="int8",
+                                      intra_threads=cpu_threads_for(read_manifest(engine), None))
     starts = [tokenizer.convert_ids_to_tokens(ids) for ids in prompt_ids(tokenizer, prompts)]
     options = dict(max_length=tokens, min_length=tokens, sampling_topk=1, include_prompt_in_result=False)
     try:

@@ -6,8 +6,12 @@ adapter turns each request into an `EngineRequest` and each `Emission` back into
 one CTranslate2 batch; each request stops on its own (its length, end id, stop words,
 cancellation) through the per-token callback, while the rest of its batch goes on.
 
-CTranslate2 batches are static (a batch runs until its last member ends); requests that
-arrive meanwhile wait for the next batch.
+CTranslate2 batches are static (a batch runs until its last member ends). So that a request
+arriving while a batch runs does not wait for the whole batch, a compatible newcomer joins
+it: the running batch stops at its next step and restarts with the newcomer, each running
+request carrying on from its prompt plus what it has generated so far (nothing is lost; the
+restart costs one prefill of those tokens, so it is skipped above `join_budget` tokens).
+Requests with other sampling settings wait for the next batch.
 
 Sampling with a fixed `random_seed` runs alone, on a freshly created generator:
 CTranslate2's sampler uses a random generator per worker thread, seeded once from the
@@ -88,7 +92,7 @@ class Ct2Engine:
     CANCEL_CHECK_EVERY = 4  # tokens; asking Triton whether a request was cancelled costs an IPC round trip
 
     def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, inter_threads: int = 1,
-                 compute_type: str = "int8", gather_ms: float = 2.0):
+                 compute_type: str = "int8", gather_ms: float = 2.0, join_budget: int = 4096):
         import json
         from pathlib import Path
 
@@ -101,6 +105,9 @@ class Ct2Engine:
         self.vocabulary: list[str] = json.loads((Path(model_dir) / "vocabulary.json").read_text(encoding="utf-8"))
         self.max_batch_size = max_batch_size
         self.gather_s = gather_ms / 1000
+        self.join_budget = join_budget
+        self.restarts = 0
+        self._arrivals = 0  # submissions so far: a cheap "anything new?" check from the callback
         self._pending: deque[_Active] = deque()
         self._by_id: dict[str, _Active] = {}
         self._cond = threading.Condition()
@@ -131,6 +138,7 @@ class Ct2Engine:
             if request.request_id:
                 self._by_id[request.request_id] = active
             self._pending.append(active)
+            self._arrivals += 1
             self._cond.notify()
 
     def stop(self, request_id: str) -> None:
@@ -160,7 +168,9 @@ class Ct2Engine:
             batch = self._take_batch()
             if batch:
                 try:
-                    self._run(batch)
+                    if self._run(batch):  # stopped to let newcomers join: carry on in front of the queue
+                        with self._cond:
+                            self._pending.extendleft(reversed([a for a in batch if not a.done]))
                 except Exception as exc:  # keep serving: fail this batch's requests, not the model
                     log.exception("generation failed")
                     for active in batch:
@@ -182,7 +192,15 @@ class Ct2Engine:
             self._pending = deque(a for a in live if a not in batch)
             return batch
 
-    def _run(self, batch: list[_Active]) -> None:
+    def _joinable(self, key: tuple, batch: list[_Active]) -> bool:
+        """Is a compatible request waiting, and is restarting the batch for it cheap enough?"""
+        with self._cond:
+            waiting = any(a.request.batch_key() == key for a in self._pending)
+        resume = sum(len(a.request.input_ids) + len(a.generated) for a in batch if not a.done)
+        return waiting and resume <= self.join_budget
+
+    def _run(self, batch: list[_Active]) -> bool:
+        """Generate for `batch`; True when it stopped early so that waiting requests can join."""
         self.batch_sizes.append(len(batch))
         first = batch[0].request
         generator = self.generator
@@ -190,7 +208,14 @@ class Ct2Engine:
             self._ct2.set_random_seed(int(first.random_seed))
             generator = self._ct2.Generator(**self._generator_options)  # a new worker takes the seed
         vocab = self.vocabulary
-        options = dict(max_length=max(a.request.max_new_tokens for a in batch), include_prompt_in_result=False,
+        key = first.batch_key()
+        # min_length and repetition penalty count tokens since the start of a call: no restarts then
+        can_join = (len(batch) < self.max_batch_size and first.min_length == 0 and first.repetition_penalty == 1.0
+                    and (first.greedy or first.random_seed is None))
+        arrivals = self._arrivals
+        restart = False
+        options = dict(max_length=max(a.request.max_new_tokens - len(a.generated) for a in batch),
+                       include_prompt_in_result=False,
                        repetition_penalty=first.repetition_penalty, min_length=first.min_length,
                        return_scores=first.return_log_probs)  # steps carry log probs only with scores on
         if first.greedy:
@@ -204,9 +229,16 @@ class Ct2Engine:
             options["suppress_sequences"] = [[vocab[t] for t in w] for w in first.bad_words]
 
         def on_token(step) -> bool:
+            nonlocal arrivals, restart
             active = batch[step.batch_id]
-            if active.done:
-                return True
+            if active.done or restart:
+                return True  # (a restart regenerates this step's token)
+            if can_join and self._arrivals != arrivals:
+                arrivals = self._arrivals
+                if self._joinable(key, batch):
+                    restart = True
+                    self.restarts += 1
+                    return True
             request = active.request
             if request.end_id is not None and step.token_id == request.end_id:
                 self._finish(active)
@@ -226,13 +258,16 @@ class Ct2Engine:
                 self._send(active, final=False)
             return False
 
-        generator.generate_batch([[vocab[t] for t in a.request.input_ids] for a in batch],
+        generator.generate_batch([[vocab[t] for t in a.request.input_ids + a.generated] for a in batch],
                                  callback=on_token, **options)
         if generator is not self.generator:
             del generator
+        if restart:
+            return True
         for active in batch:
             if not active.done:
                 self._finish(active)
+        return False
 
     @staticmethod
     def _hit_stop_word(active: _Active) -> bool:

@@ -35,11 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_render_options(parser)
 
 
+def gpu_environment(manifest) -> dict[str, str]:
+    """A tensor-parallel TensorRT-LLM engine runs in the backend's orchestrator mode: one
+    tritonserver process, and the backend spawns one worker per GPU (tensorrtllm_backend v0.17.0,
+    docs/llama_multi_instance.md), so no `mpirun` around Triton is needed."""
+    return {"TRTLLM_ORCHESTRATOR": "1"} if int(manifest.build.get("tp", 1)) > 1 else {}
+
+
 def start_server(engine: Path, args: argparse.Namespace) -> TritonServer:
     manifest = read_manifest(engine)
     run_dir = args.run_dir or cache_dir() / "run" / f"{engine.resolve().name}-{args.grpc_port}"
     repo = render_repository(engine, run_dir / "model_repository", options_from(args))
-    launcher = container_launcher() if manifest.engine == "tensorrt_llm" else pytriton_launcher(cache_dir())
+    if manifest.engine == "tensorrt_llm":
+        launcher = container_launcher()
+        launcher.env.update(gpu_environment(manifest))
+    else:
+        launcher = pytriton_launcher(cache_dir())
     server = TritonServer(repo, launcher, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file)
     print(f"starting tritonserver for {manifest.model_name} ({manifest.engine}) ...", file=sys.stderr, flush=True)
     return server.start(timeout=args.ready_timeout)

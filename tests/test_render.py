@@ -112,3 +112,20 @@ def test_a_failed_render_leaves_the_previous_repository(default_engine, tmp_path
         render_repository(tmp_path / "broken", tmp_path / "repo")  # no manifest
     assert (repo / "bayling" / "config.pbtxt").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.rendering")]
+
+
+def test_tensor_parallel_engines_use_the_orchestrator_mode(gpu_engine):
+    from bayling.model_repository.serve import gpu_environment
+
+    manifest = read_manifest(gpu_engine)
+    assert gpu_environment(manifest) == {}
+    assert gpu_environment(dataclasses.replace(manifest, build={**manifest.build, "tp": 2})) == {"TRTLLM_ORCHESTRATOR": "1"}
+
+
+def test_cpu_threads_follow_the_engine_size(default_engine, tmp_path):
+    config = parse(render_repository(default_engine, tmp_path / "a") / "tensorrt_llm" / "config.pbtxt")
+    assert config.parameters["intra_threads"].string_value == "1"  # the 135M default engine is small
+    from bayling.model_repository.render import RenderOptions
+
+    config = parse(render_repository(default_engine, tmp_path / "b", RenderOptions(cpu_threads=0)) / "tensorrt_llm" / "config.pbtxt")
+    assert config.parameters["intra_threads"].string_value == "0"
