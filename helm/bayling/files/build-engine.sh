@@ -56,8 +56,10 @@ mtime() { stat -c %Y "$1" 2>/dev/null || echo 0; }
 # Run a long command so that SIGTERM (pod deletion) reaches it and our EXIT trap still runs.
 run() {
   log "+ $*"
+  set -m              # the command gets its own process group: a signal reaches all its children
   "$@" &
   CHILD_PID=$!
+  set +m
   local rc=0
   wait "$CHILD_PID" || rc=$?
   CHILD_PID=""
@@ -66,7 +68,10 @@ run() {
 
 on_signal() {
   log "received a termination signal; stopping"
-  if [ -n "$CHILD_PID" ]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; wait "$CHILD_PID" 2>/dev/null || true; fi
+  if [ -n "$CHILD_PID" ]; then
+    kill -TERM -- "-$CHILD_PID" 2>/dev/null || kill -TERM "$CHILD_PID" 2>/dev/null || true
+    wait "$CHILD_PID" 2>/dev/null || true
+  fi
   exit 143
 }
 trap on_signal TERM INT
@@ -132,11 +137,15 @@ acquire_lock() {
         "$TOKEN" "$HOST" "$$" "${POD_NAME:-}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SPEC_HASH" > "$LOCK/owner"
       touch "$LOCK/heartbeat"
       HOLDING=true
-      ( trap - TERM INT EXIT
-        while sleep "$HEARTBEAT_SECONDS"; do
+      ( nap=""
+        trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
+        trap - INT EXIT
+        while true; do
+          sleep "$HEARTBEAT_SECONDS" & nap=$!
+          wait "$nap" || true
           grep -q "^token=$TOKEN\$" "$LOCK/owner" 2>/dev/null || exit 0
           touch "$LOCK/heartbeat"
-        done ) &
+        done ) </dev/null >/dev/null 2>&1 &
       HEARTBEAT_PID=$!
       log "lock taken: $LOCK"
       return 0
