@@ -82,7 +82,7 @@ ready() {
 }
 
 # --- the lock: a directory (mkdir is atomic, also on NFS), with owner info and a heartbeat -----
-lock_owner() { cat "$LOCK/owner" 2>/dev/null | tr '\n' ' ' || true; }
+lock_owner() { tr '\n' ' ' 2>/dev/null < "$LOCK/owner" || true; }
 
 lock_age() {
   local hb
