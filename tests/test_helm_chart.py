@@ -546,7 +546,8 @@ def test_cpu_adapter_rule_uses_tritons_pending_requests():
     rules = yaml.safe_load(one(render(sets=("mode=cpu", "engine.source=builtin", "autoscaling.hpa.enabled=true")),
                                "ConfigMap", "rel-bayling-prometheus-adapter-rules")["data"]["values.yaml"])
     waiting = next(r for r in rules["rules"]["custom"] if r["name"]["as"] == "bayling_waiting_requests")
-    assert "nv_inference_pending_request_count" in waiting["metricsQuery"] and "nv_trt_llm" not in waiting["metricsQuery"]
+    assert 'nv_inference_pending_request_count{model="bayling",' in waiting["metricsQuery"]
+    assert "nv_trt_llm" not in waiting["metricsQuery"]
 
 
 def test_keda_scales_triton_from_a_prometheus_query_of_this_release():

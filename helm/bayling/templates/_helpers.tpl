@@ -178,12 +178,14 @@ affinity:
 {{- toYaml $res }}
 {{- end }}
 
-{{/* PromQL: requests waiting for the engine, per pod (prometheus-adapter template). */}}
+{{/* PromQL: requests waiting, per pod (prometheus-adapter template). GPU: accepted by TensorRT-LLM
+but not scheduled this iteration. CPU: waiting in Triton for the bayling model (seen rising under a
+burst of streams on the CPU server; requests already handed to the CPU engine are not counted). */}}
 {{- define "bayling.waitingQuery" -}}
 {{- if eq .Values.mode "gpu" -}}
 sum(nv_trt_llm_request_metrics{request_type="active",<<.LabelMatchers>>}) by (<<.GroupBy>>) - sum(nv_trt_llm_request_metrics{request_type="scheduled",<<.LabelMatchers>>}) by (<<.GroupBy>>)
 {{- else -}}
-sum(nv_inference_pending_request_count{<<.LabelMatchers>>}) by (<<.GroupBy>>)
+sum(nv_inference_pending_request_count{model="bayling",<<.LabelMatchers>>}) by (<<.GroupBy>>)
 {{- end }}
 {{- end }}
 
@@ -193,7 +195,7 @@ sum(nv_inference_pending_request_count{<<.LabelMatchers>>}) by (<<.GroupBy>>)
 {{- if eq .Values.mode "gpu" -}}
 sum(nv_trt_llm_request_metrics{request_type="active",{{ $sel }}}) - sum(nv_trt_llm_request_metrics{request_type="scheduled",{{ $sel }}})
 {{- else -}}
-sum(nv_inference_pending_request_count{ {{- $sel -}} })
+sum(nv_inference_pending_request_count{model="bayling",{{ $sel }}})
 {{- end }}
 {{- end }}
 
