@@ -3,8 +3,8 @@ called directly in-process and `transformers` generate in float32, on the same p
 
     .venv/bin/python benchmarks/bench_serving.py [--engine ENGINE_DIR] [--tokens 128] [--concurrency 8]
 
-Every run generates exactly --tokens tokens per prompt (greedy, min length = max length), so the
-figures compare the same work. The served figures go through the whole stack: gRPC stream ->
+Every run answers the same prompts greedily with at most --tokens tokens each (long-form prompts,
+so answers mostly run to the limit); tokens/s counts the tokens actually generated. The served figures go through the whole stack: gRPC stream ->
 `bayling` (template, tokenization, streaming detokenization) -> `tensorrt_llm` (CTranslate2
 INT8 with batching) and back. Defaults to the embedded default model's engine.
 """
@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-    "用中文介绍一下长城的历史。",
-    "Describe your favourite season and why.",
-    "What are the benefits of learning a second language?",
-    "请写一首关于月亮的短诗。",
-    "Give advice to someone starting to learn programming.",
-    "Describe a busy market in the morning.",
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how a bicycle works.",
+    "用中文详细介绍一下长城的历史。",
+    "Write a long essay about your favourite season.",
+    "Explain at length the benefits of learning a second language.",
+    "请写一篇关于月亮的长文章。",
+    "Write a detailed guide for someone starting to learn programming.",
+    "Describe in detail a busy market in the morning.",
 ]
 
 
@@ -41,8 +41,8 @@ def served(grpc_url: str, prompts: list[str], tokens: int) -> tuple[float, int]:
 
     def run(i):
         messages = json.dumps([{"role": "user", "content": prompts[i]}], ensure_ascii=False)
-        results[i] = grpc_stream(grpc_url, {"messages": messages, "max_tokens": tokens, "min_length": tokens,
-                                            "temperature": 0.0, "stream": True})
+        results[i] = grpc_stream(grpc_url, {"messages": messages, "max_tokens": tokens, "temperature": 0.0,
+                                            "stream": True})
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     start = time.perf_counter()
@@ -72,9 +72,9 @@ def ct2_direct(engine: Path, tokenizer, prompts: list[str], tokens: int, batch: 
     generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="int8",
                                       intra_threads=cpu_threads_for(read_manifest(engine), None))
     starts = [tokenizer.convert_ids_to_tokens(ids) for ids in prompt_ids(tokenizer, prompts)]
-    options = dict(max_length=tokens, min_length=tokens, sampling_topk=1, include_prompt_in_result=False)
+    options = dict(max_length=tokens, sampling_topk=1, include_prompt_in_result=False, end_token=[tokenizer.eos_token_id])
     try:
-        generator.generate_batch(starts[:1], **{**options, "max_length": 4, "min_length": 0})  # warm up
+        generator.generate_batch(starts[:1], **{**options, "max_length": 4})  # warm up
         start = time.perf_counter()
         if batch:
             out = generator.generate_batch(starts, **options)
@@ -93,7 +93,7 @@ def hf_fp32(checkpoint: Path, tokenizer, prompts: list[str], tokens: int, batch:
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
     model.eval()
     all_ids = prompt_ids(tokenizer, prompts)
-    options = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    options = dict(max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     generated = 0
     with torch.inference_mode():
         model.generate(torch.tensor([all_ids[0]]), max_new_tokens=4, do_sample=False)  # warm up
@@ -103,11 +103,13 @@ def hf_fp32(checkpoint: Path, tokenizer, prompts: list[str], tokens: int, batch:
             input_ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(i)) + i for i in all_ids])
             mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in all_ids])
             out = model.generate(input_ids, attention_mask=mask, **options)
-            generated = (out.shape[1] - width) * len(all_ids)
+            for row in out[:, width:].tolist():  # count up to each answer's EOS
+                generated += row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
         else:
             for ids in all_ids:
                 out = model.generate(torch.tensor([ids]), **options)
-                generated += out.shape[1] - len(ids)
+                row = out[0, len(ids):].tolist()
+                generated += row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
         elapsed = time.perf_counter() - start
     return elapsed, generated
 
