@@ -15,6 +15,7 @@ import functools
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -190,6 +191,15 @@ def test_values_schema_describes_every_value():
 
     walk(values, schema, "values")
     assert schema.get("additionalProperties") is False
+
+
+def test_values_files_pass_yamllint():
+    yamllint = Path(sys.executable).parent / "yamllint"
+    config = "{extends: default, rules: {line-length: {max: 140}, truthy: {check-keys: false}, document-start: disable}}"
+    files = [CHART / "Chart.yaml", CHART / "values.yaml", *sorted((CHART / "ci").glob("*.yaml"))]
+    result = subprocess.run([str(yamllint), "-f", "parsable", "-d", config, *map(str, files)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("bad,message", [
