@@ -321,6 +321,37 @@ def test_ports_match_the_flags_of_bayling_serve(sets):
         assert arg(cc, "--url") == f"rel-bayling:{ports['grpc']}"
 
 
+def _parse_with_the_real_cli(module_name: str, argv: list[str]):
+    """Parse argv with the argparse parser of a real `bayling` subcommand (an unknown flag exits)."""
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser(prog=module_name, exit_on_error=False)
+    importlib.import_module(module_name).add_arguments(parser)
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"{module_name} does not accept {argv}") from None
+
+
+@pytest.mark.parametrize("values", ["gpu-values.yaml", "cpu-values.yaml", "existing-engine-values.yaml"])
+def test_bayling_serve_accepts_the_rendered_arguments(values):
+    c = container(triton(render(values))["spec"]["template"]["spec"], "triton")
+    args = _parse_with_the_real_cli("bayling.model_repository.serve", c["args"])
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert str(args.run_dir) == "/run/bayling"
+
+
+@pytest.mark.parametrize("values", ["gpu-values.yaml", "build-delta-values.yaml", "cpu-build-values.yaml"])
+def test_bayling_build_accepts_the_rendered_arguments(values):
+    c = one(render(values), "Job")["spec"]["template"]["spec"]["containers"][0]
+    e = env(c)
+    # build-engine.sh adds --model/--output/--name (and --force for an unfinished folder)
+    argv = ["--model", "/data/m", "--output", e["ENGINE_DIR"], "--name", e["MODEL_NAME"], "--force", *c["args"]]
+    args = _parse_with_the_real_cli("bayling.build_engine.build", argv)
+    assert args.target == ("trtllm" if "gpu" in values or "delta" in values else "cpu")
+
+
 def test_writable_folders_are_emptydirs_and_the_root_filesystem_is_read_only():
     spec = triton(render("gpu-values.yaml"))["spec"]["template"]["spec"]
     c = container(spec, "triton")
