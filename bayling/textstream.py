@@ -150,11 +150,13 @@ class TextStream:
         return out
 
     def finish(self, reason: str) -> str:
-        """The engine is done (or the request was cancelled): flush what is held back."""
-        if self.finish_reason is None:
-            self.finish_reason = reason
-            return self._through_stages(self._detok.flush(), flush=True)
-        return ""
+        """The engine is done (or the request was cancelled): flush what is held back.
+        A stop string that only the flushed text completes still makes the reason `stop`."""
+        if self.finish_reason is not None:
+            return ""
+        text = self._through_stages(self._detok.flush(), flush=True)
+        self.finish_reason = FINISH_STOP if self._stops.stopped and reason != FINISH_CANCELLED else reason
+        return text
 
     def _through_stages(self, text: str, flush: bool) -> str:
         if self._placeholders:

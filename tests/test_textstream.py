@@ -112,3 +112,9 @@ def test_stop_token_ends_generation_and_is_not_counted(llama_tokenizer):
     pieces, stream = run_stream(llama_tokenizer, ids + [2] + ids, [1], stop_token_ids=[2])
     assert "".join(pieces) == "你好 world"
     assert stream.finish_reason == "stop" and stream.completion_tokens == len(ids)
+
+
+def test_a_stop_string_completed_by_the_final_flush_still_stops(llama_tokenizer):
+    ids = llama_tokenizer.encode("###!", add_special_tokens=False)  # "!" is a byte token: held to the end
+    pieces, stream = run_stream(llama_tokenizer, ids, [1], stop_strings=["###"])
+    assert "".join(pieces) == "" and stream.finish_reason == "stop"
