@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, help="where to render the model repository (default: under ~/.cache/bayling/run)")
     parser.add_argument("--log-file", type=Path, help="write tritonserver's log here instead of the terminal")
     parser.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for all models to load")
+    parser.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
+                        help="extra tritonserver flag, repeatable (e.g. --triton-arg=--metrics-config=histogram_latencies=true)")
     add_render_options(parser)
 
 
@@ -51,7 +53,8 @@ def start_server(engine: Path, args: argparse.Namespace) -> TritonServer:
         launcher.env.update(gpu_environment(manifest))
     else:
         launcher = pytriton_launcher(cache_dir())
-    server = TritonServer(repo, launcher, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file)
+    server = TritonServer(repo, launcher, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file,
+                          list(getattr(args, "triton_arg", [])))
     print(f"starting tritonserver for {manifest.model_name} ({manifest.engine}) ...", file=sys.stderr, flush=True)
     return server.start(timeout=args.ready_timeout)
 

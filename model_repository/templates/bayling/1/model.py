@@ -30,6 +30,9 @@ class TritonPythonModel:
         self.requests_family = pb_utils.MetricFamily(name="bayling_requests_total", kind=pb_utils.MetricFamily.COUNTER,
                                                      description="Requests answered by the bayling model, by finish reason")
         self.finished = {r: self.requests_family.Metric(labels={"finish_reason": r}) for r in ("stop", "length", "cancelled")}
+        self.in_flight_family = pb_utils.MetricFamily(name="bayling_requests_in_flight", kind=pb_utils.MetricFamily.GAUGE,
+                                                      description="Requests the bayling model is answering now")
+        self.in_flight = self.in_flight_family.Metric(labels={})
 
     def execute(self, requests):
         for request in requests:
@@ -40,6 +43,13 @@ class TritonPythonModel:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _serve(self, request):
+        self.in_flight.increment(1)
+        try:
+            self._answer(request)
+        finally:
+            self.in_flight.increment(-1)
+
+    def _answer(self, request):
         sender = request.get_response_sender()
 
         def send(outputs, final):
