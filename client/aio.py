@@ -1,0 +1,288 @@
+"""AsyncBayLingClient: the asyncio twin of BayLingClient (gRPC with `tritonclient.grpc.aio`, HTTP with httpx).
+
+    import asyncio
+    from bayling.client import AsyncBayLingClient
+
+    async def main():
+        async with AsyncBayLingClient("localhost:8001") as client:
+            print((await client.chat("Hello!", max_tokens=32)).text)
+            async with client.stream_chat("Tell me a story.", max_tokens=128) as stream:
+                async for piece in stream:          # leaving early cancels on the server
+                    print(piece, end="", flush=True)
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import AsyncIterator, Sequence
+
+from bayling import contract
+from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, BayLingServerError, ChatResult, ModelInfo,
+                                    backoff_delays, final_result, grpc_status_error, http_error,
+                                    model_info_from_config, outputs_from_arrays, parse_url, request_values)
+
+
+class AsyncChatStream:
+    """Text pieces of one streamed answer (`async for`); `result` once finished; `aclose()` cancels."""
+
+    def __init__(self, responses: AsyncIterator[tuple[dict, bool]]):
+        self._responses = responses
+        self._pieces: list[str] = []
+        self.result: ChatResult | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def __aiter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            outputs, final = await self._responses.__anext__()   # StopAsyncIteration ends it
+            piece = outputs.get("text_output", "")
+            if piece:
+                self._pieces.append(piece)
+            if final:
+                self.result = final_result(self.text, outputs)
+            if piece:
+                return piece
+
+    async def aclose(self) -> None:
+        await self._responses.aclose()
+
+    async def __aenter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+class _AioGrpcTransport:
+    def __init__(self, address: str):
+        import grpc
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aio
+
+        self._grpc, self._grpcclient = grpc, grpcclient
+        self._client = aio.InferenceServerClient(address)
+
+    def _inputs(self, values: dict) -> list:
+        inputs = []
+        for name, array in contract.request_arrays(MODEL, values).items():
+            tensor = self._grpcclient.InferInput(name, list(array.shape), contract.tensor(MODEL, name).wire_dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+    async def responses(self, values: dict, timeout: float) -> AsyncIterator[tuple[dict, bool]]:
+        request = {"model_name": MODEL, "inputs": self._inputs(values)}
+
+        async def one_request():
+            yield request
+
+        call = self._client.stream_infer(one_request(), stream_timeout=timeout, headers=GRPC_ERROR_HEADERS)
+        finished = False
+        try:
+            async for result, error in call:
+                if error is not None:
+                    raise BayLingServerError("INTERNAL", error.message())
+                response = result.get_response()
+                final = response.parameters["triton_final_response"].bool_param
+                outputs = outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs})
+                finished = finished or final
+                yield outputs, final
+                if final:
+                    return
+        except self._grpc.RpcError as exc:
+            raise grpc_status_error(exc.code(), exc.details()) from None
+        except self._grpcclient.InferenceServerException as exc:
+            raise grpc_status_error(exc.status() or "UNAVAILABLE", exc.message()) from None
+        finally:
+            if not finished:
+                call.cancel()                      # the caller left early: cancel on the server
+
+    async def health(self, timeout: float) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout)
+                        and await self._client.is_model_ready(MODEL, client_timeout=timeout))
+        except self._grpcclient.InferenceServerException:
+            return False
+
+    async def model_config(self, timeout: float) -> dict:
+        try:
+            return (await self._client.get_model_config(MODEL, as_json=True, client_timeout=timeout))["config"]
+        except self._grpcclient.InferenceServerException as exc:
+            raise grpc_status_error(exc.status() or "UNAVAILABLE", exc.message()) from None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class _AioHttpTransport:
+    def __init__(self, address: str, timeout: float):
+        import httpx
+
+        self._httpx = httpx
+        self.base = f"http://{address}"
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                                         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+    async def _call(self, awaitable):
+        httpx = self._httpx
+        try:
+            return await awaitable
+        except httpx.TimeoutException as exc:
+            raise BayLingServerError("DEADLINE_EXCEEDED", f"{type(exc).__name__}: {exc}") from None
+        except httpx.TransportError as exc:
+            raise BayLingServerError("UNAVAILABLE", f"{self.base}: {type(exc).__name__}: {exc}") from None
+
+    async def responses(self, values: dict, timeout: float) -> AsyncIterator[tuple[dict, bool]]:
+        if not values.get("stream"):
+            response = await self._call(self._client.post(f"{self.base}/v2/models/{MODEL}/generate",
+                                                          json=values, timeout=timeout))
+            if response.status_code != 200:
+                raise http_error(response.status_code, response.text)
+            yield response.json(), True
+            return
+        deadline = time.monotonic() + timeout
+        request = self._client.build_request("POST", f"{self.base}/v2/models/{MODEL}/generate_stream",
+                                             json=values, timeout=timeout)
+        response = await self._call(self._client.send(request, stream=True))
+        try:
+            if response.status_code != 200:
+                body = (await self._call(response.aread())).decode("utf-8", "replace")
+                raise http_error(response.status_code, body.removeprefix("data: "))
+            lines = response.aiter_lines()
+            while True:
+                try:
+                    line = await self._call(lines.__anext__())
+                except StopAsyncIteration:
+                    return
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise BayLingServerError("INTERNAL", str(event["error"]))
+                final = bool(event.get("finish_reason"))
+                yield event, final
+                if final:
+                    return
+                if time.monotonic() > deadline:
+                    raise BayLingServerError("DEADLINE_EXCEEDED", f"no complete answer within {timeout:g} s")
+        finally:
+            await response.aclose()              # closing the connection early cancels on the server
+
+    async def health(self, timeout: float) -> bool:
+        try:
+            for path in ("/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+                if (await self._client.get(f"{self.base}{path}", timeout=timeout)).status_code != 200:
+                    return False
+            return True
+        except self._httpx.HTTPError:
+            return False
+
+    async def model_config(self, timeout: float) -> dict:
+        response = await self._call(self._client.get(f"{self.base}/v2/models/{MODEL}/config", timeout=timeout))
+        if response.status_code != 200:
+            raise http_error(response.status_code, response.text)
+        return response.json()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class AsyncBayLingClient:
+    """The asyncio client; one instance serves many concurrent requests."""
+
+    def __init__(self, url: str = "localhost:8001", protocol: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = 3, backoff: float = 0.5, validate_max_tokens: bool = True):
+        self.protocol, self.address = parse_url(url, protocol)
+        self.url = url
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._transport = (_AioGrpcTransport(self.address) if self.protocol == "grpc"
+                           else _AioHttpTransport(self.address, timeout))
+        self._max_context: int | None = None
+        self._check_context = validate_max_tokens
+
+    async def chat(self, messages: str | Sequence[dict], **params) -> ChatResult:
+        values = request_values(messages, params, stream=False, max_context=await self._context())
+        return await self._complete(values)
+
+    async def complete(self, prompt: str, **params) -> ChatResult:
+        values = request_values(None, params, stream=False, max_context=await self._context(), text_input=prompt)
+        return await self._complete(values)
+
+    def stream_chat(self, messages: str | Sequence[dict], **params) -> AsyncChatStream:
+        """The answer as it is generated: `async with client.stream_chat(...) as stream: async for piece in stream`.
+        Parameters are checked now (InvalidInput); the request is sent at the first step."""
+        return self._stream(messages, params, None)
+
+    def stream_complete(self, prompt: str, **params) -> AsyncChatStream:
+        return self._stream(None, params, prompt)
+
+    def _stream(self, messages, params: dict, prompt: str | None) -> AsyncChatStream:
+        request_values(messages, params, stream=True, max_context=self._max_context or None, text_input=prompt)
+
+        async def responses():
+            values = request_values(messages, params, stream=True, max_context=await self._context(),
+                                    text_input=prompt)
+            async for item in self._transport.responses(values, self.timeout):
+                yield item
+
+        return AsyncChatStream(responses())
+
+    async def _complete(self, values: dict) -> ChatResult:
+        delays = backoff_delays(self.retries, self.backoff)
+        while True:
+            try:
+                stream = AsyncChatStream(self._transport.responses(values, self.timeout))
+                try:
+                    async for _ in stream:
+                        pass
+                finally:
+                    await stream.aclose()
+                if stream.result is None:
+                    raise BayLingServerError("UNAVAILABLE", "the server closed the stream without an answer")
+                return stream.result
+            except BayLingServerError as exc:
+                if exc.status != "UNAVAILABLE" or not delays:
+                    raise
+                await asyncio.sleep(delays.pop(0))
+
+    async def health(self) -> bool:
+        return await self._transport.health(min(self.timeout, 10.0))
+
+    async def model_info(self) -> ModelInfo:
+        delays = backoff_delays(self.retries, self.backoff)
+        while True:
+            try:
+                return model_info_from_config(await self._transport.model_config(min(self.timeout, 30.0)))
+            except BayLingServerError as exc:
+                if exc.status != "UNAVAILABLE" or not delays:
+                    raise
+                await asyncio.sleep(delays.pop(0))
+
+    async def _context(self) -> int | None:
+        if not self._check_context:
+            return None
+        if self._max_context is None:
+            try:
+                config = await self._transport.model_config(min(self.timeout, 10.0))
+                self._max_context = model_info_from_config(config).max_context or 0
+            except BayLingServerError:
+                return None
+        return self._max_context or None
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> "AsyncBayLingClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
