@@ -69,7 +69,7 @@ def ct2_direct(engine: Path, tokenizer, prompts: list[str], tokens: int, batch: 
     from bayling.manifest import read_manifest
     from bayling.model_repository.render import cpu_threads_for
 
-    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="int8",
+    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="default",
                                       intra_threads=cpu_threads_for(read_manifest(engine), None))
     starts = [tokenizer.convert_ids_to_tokens(ids) for ids in prompt_ids(tokenizer, prompts)]
     options = dict(max_length=tokens, sampling_topk=1, include_prompt_in_result=False, end_token=[tokenizer.eos_token_id])

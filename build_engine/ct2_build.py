@@ -51,7 +51,7 @@ def build_cpu_engine(model_dir: Path, output: Path, *, template: str = "auto", n
         except Exception as exc:  # the converter raises whatever transformers or torch raise
             raise BaylingError(f"CTranslate2 conversion of {source.path} failed: {exc}") from None
         step("loading the engine and generating a few tokens to check it")
-        generator = ctranslate2.Generator(str(tmp / ENGINE_SUBDIRS["ctranslate2"]), device="cpu", compute_type="auto")
+        generator = ctranslate2.Generator(str(tmp / ENGINE_SUBDIRS["ctranslate2"]), device="cpu", compute_type="default")
         probe = [tokenizer.convert_ids_to_tokens(tokenizer("Hello")["input_ids"])]
         generator.generate_batch(probe, max_length=4, sampling_topk=1, include_prompt_in_result=False)
         del generator

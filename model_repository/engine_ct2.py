@@ -89,10 +89,13 @@ class _Active:
 
 
 class Ct2Engine:
+    """`compute_type="default"` runs an engine in the type it was built with (INT8 for `bayling build`'s
+    default, float32 for a `--quantization float32` reference build)."""
+
     CANCEL_CHECK_EVERY = 4  # tokens; asking Triton whether a request was cancelled costs an IPC round trip
 
     def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, inter_threads: int = 1,
-                 compute_type: str = "int8", gather_ms: float = 2.0, join_budget: int = 4096):
+                 compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096):
         import json
         from pathlib import Path
 

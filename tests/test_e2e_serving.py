@@ -61,7 +61,7 @@ def test_greedy_output_equals_ctranslate2_in_process(default_server):
     prompt_ids = result.final["prompt_ids"].reshape(-1).tolist()
     engine = default_server.engine
     tokenizer = AutoTokenizer.from_pretrained(str(engine / "tokenizer"))
-    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="int8")
+    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="default")
     try:
         out = generator.generate_batch([tokenizer.convert_ids_to_tokens(prompt_ids)], max_length=40, sampling_topk=1,
                                        include_prompt_in_result=False, end_token=[tokenizer.eos_token_id])
