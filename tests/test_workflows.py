@@ -129,8 +129,9 @@ def test_gpu_workflow_builds_serves_tests_benchmarks_and_uploads():
     assert "helm/bayling/values.yaml" in text, "the releases table comes from the chart"
 
 
-def test_gpu_workflow_quality_check_is_optional_and_never_silently_skipped():
+def test_gpu_workflow_quality_check_builds_the_fp16_reference_and_runs_the_script():
     job = load(GPU)["jobs"]["engine"]
     step = next(s for s in job["steps"] if "quality" in s.get("name", "").lower())
     assert step["if"] == "inputs.quality_check"
-    assert "--quant fp16" in step["run"] and "::warning::" in step["run"]
+    assert "--quant fp16" in step["run"]
+    assert "benchmarks/quality_check.py --engine" in step["run"] and (ROOT / "benchmarks/quality_check.py").is_file()
