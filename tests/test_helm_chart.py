@@ -658,3 +658,13 @@ def test_notes_tell_how_to_reach_the_service_and_chat():
     assert "bayling chat --url localhost:8001" in notes
     assert "/v2/models/bayling/generate" in notes and "/v1/chat/completions" in notes
     assert "docker/Dockerfile.gpu" in notes  # the default image name is local: say how to get one
+
+
+def test_gpu_mode_turns_on_first_response_histograms_and_cpu_threads_default_to_the_engine_size():
+    gpu = container(triton(render("gpu-values.yaml"))["spec"]["template"]["spec"], "triton")["args"]
+    cpu = container(triton(render("cpu-values.yaml"))["spec"]["template"]["spec"], "triton")["args"]
+    assert "--triton-arg=--metrics-config=histogram_latencies=true" in gpu
+    assert not any(a.startswith("--triton-arg") for a in cpu)  # Triton 2.51 on CPU has no such histogram
+    assert "--cpu-threads" not in cpu  # by engine size unless set
+    pinned = container(triton(render("cpu-values.yaml", sets=("triton.cpuThreads=4",)))["spec"]["template"]["spec"], "triton")
+    assert arg(pinned, "--cpu-threads") == "4"
