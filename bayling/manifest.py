@@ -65,14 +65,19 @@ def write_manifest(engine_dir: Path, manifest: EngineManifest) -> Path:
     return path
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file of a model or engine folder; a clear error when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BaylingError(f"{path} is not valid JSON: {exc}") from None
+
+
 def read_manifest(engine_dir: Path) -> EngineManifest:
     path = Path(engine_dir) / MANIFEST_NAME
     if not path.is_file():
         raise BaylingError(f"{engine_dir} is not a finished engine folder (no {MANIFEST_NAME}); run 'bayling build' first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BaylingError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json(path)
     if data.get("format_version") != FORMAT_VERSION:
         raise BaylingError(f"{path} has format_version {data.get('format_version')}, this tool reads {FORMAT_VERSION}")
     known = {f.name for f in dataclasses.fields(EngineManifest)}

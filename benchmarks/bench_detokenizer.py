@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bayling.detokenizer import byte_runs, make_decode
 from bayling.paths import default_engine_dir
-from bayling.textstream import PLACEHOLDERS, ReplaceChain, StopStringFinder, TextStream
+from bayling.textstream import PLACEHOLDERS, ReplaceChain, TextStream
 
 TEXT = ("BayLing is a bilingual assistant. 百聆是一个中英双语的大语言模型，擅长翻译和多轮对话。"
         "It answers questions, writes, and translates between Chinese and English. 今天天气很好，我们去公园散步吧！ ")
@@ -36,7 +36,7 @@ def streamed(tokenizer, ids) -> float:
 
 def redecoded(tokenizer, ids) -> float:
     """Each step: decode everything so far, replace placeholders, look for the stop string."""
-    chain, stops = ReplaceChain(PLACEHOLDERS), StopStringFinder(["###"])
+    chain = ReplaceChain(PLACEHOLDERS)
     start = time.perf_counter()
     for n in range(1, len(ids) + 1):
         text = chain.replace_all(tokenizer.decode(ids[:n], skip_special_tokens=True))

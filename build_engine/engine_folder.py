@@ -4,7 +4,6 @@ manifest last)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ from typing import Iterator
 
 from bayling import __version__
 from bayling.errors import BaylingError
-from bayling.manifest import CHAT_TEMPLATE_NAME, TOKENIZER_DIR, EngineManifest, write_manifest
+from bayling.manifest import CHAT_TEMPLATE_NAME, TOKENIZER_DIR, EngineManifest, read_json, write_manifest
 from bayling.params import GenerationParams
 from bayling.templates import ChatTemplate, builtin_template, tokenizer_template
 
@@ -57,7 +56,7 @@ def load_source(model_dir: Path, name: str | None = None) -> SourceModel:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise BaylingError(f"{model_dir} is not a Hugging Face checkpoint: no config.json")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path)
     architectures = config.get("architectures") or []
     if config.get("model_type") != "llama" and "LlamaForCausalLM" not in architectures:
         raise BaylingError(f"{model_dir} is a {config.get('model_type') or architectures}, not a LLaMA-architecture "
@@ -120,7 +119,7 @@ def text_settings(source: SourceModel, tokenizer, template: ChatTemplate) -> Tex
     stops = [eos, *template.stop_token_ids]
     gen_config = source.path / "generation_config.json"
     if gen_config.is_file():
-        gen_eos = json.loads(gen_config.read_text(encoding="utf-8")).get("eos_token_id")
+        gen_eos = read_json(gen_config).get("eos_token_id")
         stops += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
     vocab = max(source.vocab_size, len(tokenizer))
     stops = [int(t) for t in dict.fromkeys(stops) if 0 <= int(t) < vocab]

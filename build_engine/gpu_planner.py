@@ -23,13 +23,14 @@ the engine at load time ("[MemUsageChange] Allocated ... for execution context m
 
 from __future__ import annotations
 
-import json
+
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bayling.errors import BaylingError
+from bayling.manifest import read_json
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 QUANTS = ("int8-wo", "int8-sq", "fp16")
@@ -70,11 +71,7 @@ class ModelShape:
             path = path / "config.json"
         if not path.is_file():
             raise BaylingError(f"{path} not found: --model must be a Hugging Face checkpoint folder")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise BaylingError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_hf_config(config, name if name is not None else path.parent.name)
+        return cls.from_hf_config(read_json(path), name if name is not None else path.parent.name)
 
     @property
     def head_dim(self) -> int:

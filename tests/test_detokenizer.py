@@ -1,7 +1,5 @@
 """Streaming detokenization: pieces joined equal the full decode; no U+FFFD that the full text lacks."""
 
-import random
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

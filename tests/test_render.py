@@ -2,7 +2,6 @@
 placeholder survives, I/O comes from the contract, and the CPU and GPU engine models agree."""
 
 import dataclasses
-import json
 import shutil
 
 import pytest
