@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("bayling.build_engine.merge_cli", "apply (or make, or verify) a BayLing weight difference"),
     "serve": ("bayling.model_repository.serve", "render the Triton model repository for an engine and run tritonserver"),
     "render": ("bayling.model_repository.render", "render the Triton model repository for an engine, without serving"),
-    "demo": ("bayling.model_repository.demo", "build the embedded default engine if needed, serve it and chat in the terminal"),
+    "demo": ("bayling.demo", "build the embedded default engine if needed, serve it and chat in the terminal"),
     "chat": ("bayling.client.chat_cli", "multi-turn terminal chat with a running server"),
     "translate": ("bayling.client.translate_cli", "translate a file line by line through a running server"),
     "openai": ("bayling.client.openai_gateway", "OpenAI-compatible HTTP gateway in front of the Triton server"),
