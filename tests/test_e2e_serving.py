@@ -184,3 +184,31 @@ def test_long_conversations_drop_whole_old_turns(scripted_server):
     assert result.error is None
     assert result.text == SCRIPT_SHOWN
     assert final_value(result, "prompt_tokens") <= 256 - 32  # the tiny model's context
+
+
+@pytest.mark.cpu_engine
+def test_bayling_serve_prints_endpoints_and_stops_cleanly_on_sigterm(default_engine, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from bayling.model_repository.server import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    serve = subprocess.Popen([sys.executable, "-m", "bayling.cli", "serve", "--engine", str(default_engine),
+                              "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+                              "--address", "127.0.0.1", "--run-dir", str(tmp_path / "run"),
+                              "--log-file", str(tmp_path / "triton.log")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = serve.stdout.readline()
+        assert first.startswith("BayLing is being served"), serve.stderr.read() if serve.poll() is not None else first
+        ok = grpc_stream(f"127.0.0.1:{ports[1]}", chat("Say hi.", max_tokens=4, **GREEDY))
+        assert ok.error is None and ok.text
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    leftover = subprocess.run(["pgrep", "-f", f"grpc-port={ports[1]}"], capture_output=True, text=True)
+    assert leftover.stdout == ""
