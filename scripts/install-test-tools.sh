@@ -32,3 +32,14 @@ PY
   mv "$helm_tmp/helm" .tools/bin/helm
   rm -rf "$helm_tmp"
 fi
+
+# --- chromium: Debian's browser for the Streamlit page test (tests/test_streamlit_app.py) ------
+# Playwright drives it with executable_path=/usr/bin/chromium (no browser download from a CDN);
+# the fonts make Chinese text and emoji render in the page and its screenshot.
+if [ ! -x /usr/bin/chromium ]; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends \
+    chromium fonts-wqy-microhei fonts-noto-color-emoji >/dev/null
+fi
