@@ -231,8 +231,12 @@ class AsyncBayLingClient:
         async def responses():
             values = request_values(messages, params, stream=True, max_context=await self._context(),
                                     text_input=prompt)
-            async for item in self._transport.responses(values, self.timeout):
-                yield item
+            inner = self._transport.responses(values, self.timeout)
+            try:
+                async for item in inner:
+                    yield item
+            finally:
+                await inner.aclose()          # cancels on the server if the answer is not finished
 
         return AsyncChatStream(responses())
 

@@ -1,0 +1,193 @@
+"""`bayling openai` against the real stack, with the official `openai` package as the client."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.client_helpers import bayling_process, free_port, http_ok, metric, settled, stop_process, wait_until
+
+pytestmark = pytest.mark.e2e
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def start_gateway(*args: str) -> tuple[object, str]:
+    port = free_port()
+    process = bayling_process("openai", "--port", str(port), *args)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: process.poll() is not None or http_ok(f"{base}/health"), 60, "the gateway")
+    assert process.poll() is None, stop_process(process)
+    return process, base
+
+
+@pytest.fixture(scope="module")
+def gateway(default_server):
+    process, base = start_gateway("--url", default_server.grpc)
+    yield base
+    stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def oai(gateway):
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_and_health(oai, gateway):
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+    assert oai.models.retrieve(MODEL).owned_by == "bayling"
+    health = httpx.get(f"{gateway}/health").json()
+    assert health == {"status": "ok", "server_ready": True, "model": MODEL}
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "top_p": 0.95, "seed": 7}],
+                         ids=["greedy", "seeded"])
+def test_streamed_chat_chunks_join_to_the_non_streamed_answer(oai, sampling):
+    whole = oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, **sampling)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, stream=True,
+                                              stream_options={"include_usage": True}, **sampling))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3, "the answer must come in pieces"
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant" and whole.model == MODEL
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    if sampling["temperature"] == 0:
+        assert "Paris" in whole.choices[0].message.content
+
+
+def test_sse_stream_ends_with_done(gateway):
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", timeout=120,
+                      json={"model": "any", "messages": QUESTION, "max_tokens": 8, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert all("usage" not in json.loads(e[6:]) for e in events[:-1])   # no usage unless asked
+
+
+def test_completions_streamed_and_not(oai):
+    whole = oai.completions.create(model=MODEL, prompt="The capital of France is", temperature=0)
+    assert whole.object == "text_completion"
+    assert whole.usage.completion_tokens == 16 and whole.choices[0].finish_reason == "length"   # OpenAI's default
+    assert "Paris" in whole.choices[0].text
+    chunks = list(oai.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_max_tokens_stop_and_system_are_mapped(oai):
+    short = oai.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_completion_tokens=3)
+    assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (3, "length")
+    stopped = oai.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stop="Paris")
+    assert stopped.choices[0].message.content == "The capital of France is "
+    assert stopped.choices[0].finish_reason == "stop"
+    system = [{"role": "developer", "content": [{"type": "text", "text": "Answer in one word."}]}] + QUESTION
+    with_system = oai.chat.completions.create(model=MODEL, messages=system, temperature=0, max_tokens=8)
+    plain = oai.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+    assert with_system.usage.prompt_tokens != plain.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),        # the CPU engine refuses it, naming it
+    ({"frequency_penalty": -0.5}, "frequency_penalty"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
+    ({"temperature": 500}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"seed": -1}, "seed"),
+    ({"stop": [""]}, "stop"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_unsupported_or_invalid_parameters_answer_400_naming_them(oai, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=QUESTION, **{"max_tokens": 8, **extra})
+    error = caught.value.body
+    assert caught.value.status_code == 400
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "tool", "content": "42", "tool_call_id": "x"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+    [{"role": "assistant", "content": "Hi"}],
+    [],
+])
+def test_bad_messages_answer_400(gateway, messages):
+    response = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "m", "messages": messages}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages"
+
+
+def test_streamed_request_errors_are_400_before_streaming(gateway):
+    response = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": QUESTION, "stream": True, "presence_penalty": 1.0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "presence_penalty"
+    response = httpx.post(f"{gateway}/v1/chat/completions", content=b"{not json", timeout=30)
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_the_generation(gateway, default_server):
+    cancelled = lambda: metric(default_server.metrics, "bayling_requests_total", finish_reason="cancelled")  # noqa: E731
+    generated = lambda: metric(default_server.metrics, "bayling_engine_generated_tokens_total")  # noqa: E731
+    cancelled_before, generated_before = settled(cancelled), settled(generated)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 1500, "min_tokens": 1500, "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=120) as response:
+        received = 0
+        for line in response.iter_lines():
+            received += line.startswith("data: ")
+            if received >= 6:
+                break                                      # leaving the block closes the connection
+    assert settled(generated) - generated_before < 300, "the engine kept generating after the client left"
+    assert settled(cancelled) == cancelled_before + 1
+
+
+def test_api_key_over_the_http_backend(default_server):
+    process, base = start_gateway("--url", f"http://{default_server.http}", "--api-key", "s3cret")
+    try:
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            wrong.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+        assert caught.value.status_code == 401 and caught.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        answer = right.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        assert httpx.get(f"{base}/health").status_code == 200          # health needs no key
+    finally:
+        stop_process(process)
+
+
+def test_health_reports_an_unreachable_server():
+    process, base = None, None
+    port = free_port()
+    process = bayling_process("openai", "--port", str(port), "--url", "127.0.0.1:1")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def answered():
+            try:
+                return httpx.get(f"{base}/health", timeout=5)
+            except httpx.HTTPError:
+                return None
+        response = wait_until(answered, 60, "the gateway")
+        assert response.status_code == 503 and response.json()["server_ready"] is False
+        failed = httpx.post(f"{base}/v1/chat/completions", json={"model": "m", "messages": QUESTION}, timeout=60)
+        assert failed.status_code == 503 and failed.json()["error"]["type"] == "server_error"
+    finally:
+        stop_process(process)
