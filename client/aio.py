@@ -142,12 +142,17 @@ class _AioHttpTransport:
             raise BayLingServerError("UNAVAILABLE", f"{self.base}: {type(exc).__name__}: {exc}") from None
 
     async def responses(self, values: dict, timeout: float) -> AsyncIterator[tuple[dict, bool]]:
+        """Always generate_stream: only closing an SSE connection cancels on the server (see library.py)."""
         if not values.get("stream"):
-            response = await self._call(self._client.post(f"{self.base}/v2/models/{MODEL}/generate",
-                                                          json=values, timeout=timeout))
-            if response.status_code != 200:
-                raise http_error(response.status_code, response.text)
-            yield response.json(), True
+            pieces: list[str] = []
+            inner = self.responses({**values, "stream": True}, timeout)
+            try:
+                async for event, final in inner:
+                    pieces.append(event.get("text_output", ""))
+                    if final:
+                        yield {**event, "text_output": "".join(pieces)}, True
+            finally:
+                await inner.aclose()
             return
         deadline = time.monotonic() + timeout
         request = self._client.build_request("POST", f"{self.base}/v2/models/{MODEL}/generate_stream",

@@ -12,7 +12,8 @@
     print(stream.result)                                          # ChatResult, once the stream ended
 
 gRPC uses Triton's streaming API (the model is decoupled: unary calls are refused); HTTP uses
-Triton's `generate` and `generate_stream` endpoints. Parameters are checked before sending with
+Triton's `generate_stream` endpoint (server-sent events), also for whole answers, because closing
+its connection is what cancels a request on the server. Parameters are checked before sending with
 the server's own limits (`bayling.params.validate`, which raises `InvalidInput`); whatever the
 server or the network refuses raises `BayLingServerError` with the server's message.
 """
@@ -24,6 +25,7 @@ import queue
 import random
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -322,12 +324,16 @@ class _HttpTransport:
             raise BayLingServerError("UNAVAILABLE", f"{self.base}: {type(exc).__name__}: {exc}") from None
 
     def responses(self, values: dict, timeout: float) -> Iterator[tuple[dict, bool]]:
+        """Always Triton's generate_stream: closing an SSE connection is what cancels a request on the
+        server (a non-streamed `generate` runs to its end when the client leaves). A non-streamed
+        request is asked for streamed and answered as one final response (the pieces join exactly)."""
         if not values.get("stream"):
-            response = self._call(lambda: self._client.post(f"{self.base}/v2/models/{MODEL}/generate",
-                                                            json=values, timeout=timeout))
-            if response.status_code != 200:
-                raise http_error(response.status_code, response.text)
-            yield response.json(), True
+            pieces: list[str] = []
+            with closing(self.responses({**values, "stream": True}, timeout)) as events:
+                for event, final in events:
+                    pieces.append(event.get("text_output", ""))
+                    if final:
+                        yield {**event, "text_output": "".join(pieces)}, True
             return
         deadline = time.monotonic() + timeout
         request = self._client.build_request("POST", f"{self.base}/v2/models/{MODEL}/generate_stream",

@@ -1,0 +1,188 @@
+"""BayLingClient against the real server, over gRPC and HTTP: answers, streaming, cancellation,
+timeouts, retries, errors, health and model info."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from bayling.client import BayLingClient, BayLingServerError, ChatResult
+from bayling.client.library import parse_url
+from bayling.errors import BaylingError, InvalidInput
+from tests.client_helpers import TcpForwarder, free_port, metric, settled
+
+pytestmark = pytest.mark.e2e
+GREEDY = {"temperature": 0.0}
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(params=["grpc", "http"])
+def client(request, default_server):
+    url = default_server.grpc if request.param == "grpc" else f"http://{default_server.http}"
+    with BayLingClient(url) as c:
+        yield c
+
+
+def test_chat_returns_text_finish_reason_and_token_counts(client):
+    answer = client.chat([{"role": "user", "content": FRANCE}], max_tokens=32, **GREEDY)
+    assert isinstance(answer, ChatResult)
+    assert "Paris" in answer.text and answer.finish_reason == "stop"
+    assert answer.prompt_tokens > 5 and 0 < answer.completion_tokens <= 32
+    assert client.chat(FRANCE, max_tokens=32, **GREEDY) == answer          # a string is one user turn
+
+
+def test_stream_chat_yields_pieces_that_join_to_the_whole_answer(client):
+    request = dict(max_tokens=48, temperature=0.8, top_p=0.95, random_seed=11)
+    whole = client.chat("Write two sentences about the sea.", **request)
+    with client.stream_chat("Write two sentences about the sea.", **request) as stream:
+        pieces = list(stream)
+    assert len(pieces) > 3 and all(pieces)
+    assert "".join(pieces) == whole.text == stream.text
+    assert stream.result == whole
+
+
+def test_multi_turn_and_system_messages(client):
+    turns = [{"role": "system", "content": "You are a geography teacher."},
+             {"role": "user", "content": FRANCE}, {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": "And of Germany?"}]
+    answer = client.chat(turns, max_tokens=24, **GREEDY)
+    assert "Berlin" in answer.text
+    assert answer.prompt_tokens > client.chat(FRANCE, max_tokens=1).prompt_tokens
+
+
+def test_max_tokens_and_stop_words(client):
+    short = client.chat(FRANCE, max_tokens=3)
+    assert (short.completion_tokens, short.finish_reason) == (3, "length")
+    stopped = client.chat(FRANCE, max_tokens=32, stop_words=["Paris"], **GREEDY)
+    assert (stopped.text, stopped.finish_reason) == ("The capital of France is ", "stop")
+
+
+def test_raw_completion(client):
+    result = client.complete("The capital of France is", max_tokens=8, **GREEDY)
+    assert "Paris" in result.text and result.completion_tokens <= 8
+    assert "".join(client.stream_complete("The capital of France is", max_tokens=8, **GREEDY)) == result.text
+
+
+def test_closing_a_stream_early_cancels_it_on_the_server(client, default_server):
+    cancelled = lambda: metric(default_server.metrics, "bayling_requests_total", finish_reason="cancelled")  # noqa: E731
+    generated = lambda: metric(default_server.metrics, "bayling_engine_generated_tokens_total")  # noqa: E731
+    cancelled_before, generated_before = settled(cancelled), settled(generated)
+    with client.stream_chat("Tell me a very long story.", max_tokens=1500, min_length=1500, **GREEDY) as stream:
+        for i, _ in enumerate(stream):
+            if i == 5:
+                break
+    assert stream.result is None
+    assert settled(generated) - generated_before < 300, "the engine kept generating after the stream was closed"
+    assert settled(cancelled) == cancelled_before + 1
+    assert "Paris" in client.chat(FRANCE, max_tokens=16, **GREEDY).text    # the client is still usable
+
+
+def test_a_request_that_takes_too_long_times_out_and_stops_on_the_server(default_server, client):
+    slow = BayLingClient(client.url, timeout=1.5, retries=0)
+    generated = lambda: metric(default_server.metrics, "bayling_engine_generated_tokens_total")  # noqa: E731
+    before = settled(generated)
+    started = time.monotonic()
+    with pytest.raises(BayLingServerError) as caught:
+        slow.chat("Tell me a very long story.", max_tokens=1500, min_length=1500, **GREEDY)
+    assert caught.value.status == "DEADLINE_EXCEEDED"
+    assert time.monotonic() - started < 10
+    assert settled(generated) - before < 300, "the engine kept generating after the timeout"
+    slow.close()
+
+
+def test_server_errors_carry_the_servers_message_and_field(client):
+    with pytest.raises(BayLingServerError) as caught:
+        client.chat("word " * 9000, max_tokens=16)                   # more than the context holds
+    assert caught.value.status == "INVALID_ARGUMENT" and caught.value.field == "messages"
+    assert caught.value.message.startswith("messages: the prompt needs")
+    with pytest.raises(BayLingServerError) as caught:
+        client.chat(FRANCE, max_tokens=4, presence_penalty=0.5)     # the CPU engine has no penalties
+    assert caught.value.field == "presence_penalty" and "CPU engine" in caught.value.message
+    with pytest.raises(BayLingServerError) as caught:
+        list(client.stream_chat("word " * 9000, max_tokens=16))
+    assert caught.value.field == "messages"
+
+
+def test_parameters_are_checked_before_sending_with_the_servers_limits(client, default_server):
+    requests = lambda: metric(default_server.metrics, "bayling_requests_total")  # noqa: E731
+    before = settled(requests)
+    for params, field in [({"max_tokens": -3}, "max_tokens"), ({"max_tokens": 9000}, "max_tokens"),
+                          ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+                          ({"random_seed": -1}, "random_seed"), ({"min_length": 50, "max_tokens": 10}, "min_length"),
+                          ({"stop_words": [""]}, "stop_words"), ({"best_of": 2}, "best_of")]:
+        with pytest.raises(InvalidInput) as caught:
+            client.chat(FRANCE, **params)
+        assert caught.value.field == field, params
+    assert "must be between 1 and 8192" in str(pytest.raises(InvalidInput, client.chat, FRANCE, max_tokens=9000).value)
+    with pytest.raises(InvalidInput) as caught:
+        client.stream_chat([{"role": "assistant", "content": "hi"}])
+    assert caught.value.field == "messages"
+    assert settled(requests) == before, "nothing may reach the server"
+
+
+def test_health_and_model_info(client):
+    assert client.health() is True
+    info = client.model_info()
+    assert (info.model_name, info.engine, info.template, info.max_context) == \
+           ("SmolLM2-135M-Instruct", "ctranslate2", "hf", 8192)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unreachable_server(protocol):
+    dead = BayLingClient(f"127.0.0.1:{free_port()}", protocol, retries=0)
+    assert dead.health() is False
+    with pytest.raises(BayLingServerError) as caught:
+        dead.model_info()
+    assert caught.value.status == "UNAVAILABLE"
+    with pytest.raises(BayLingServerError) as caught:
+        dead.chat(FRANCE, max_tokens=4)
+    assert caught.value.status == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_non_streaming_calls_retry_with_backoff_while_the_server_is_unavailable(default_server, protocol):
+    port = free_port()
+    target = default_server.grpc if protocol == "grpc" else default_server.http
+    late = TcpForwarder(target, port)
+    timer = threading.Timer(1.2, late.start)                         # the server "comes up" after 1.2 s
+    retrying = BayLingClient(f"127.0.0.1:{port}", protocol, retries=5, backoff=0.4, validate_max_tokens=False)
+    started = time.monotonic()
+    timer.start()
+    try:
+        answer = retrying.chat(FRANCE, max_tokens=16, **GREEDY)
+        assert "Paris" in answer.text
+        assert time.monotonic() - started >= 1.2                     # it waited for the server
+    finally:
+        timer.cancel()
+        late.stop()
+        retrying.close()
+    no_retry = BayLingClient(f"127.0.0.1:{free_port()}", protocol, retries=0, validate_max_tokens=False)
+    with pytest.raises(BayLingServerError):
+        list(no_retry.stream_chat(FRANCE, max_tokens=4))             # streams are not retried
+
+
+def test_one_client_serves_concurrent_threads(client):
+    results: dict[int, ChatResult] = {}
+
+    def ask(i: int) -> None:
+        results[i] = client.chat(f"Count from {i}.", max_tokens=4 + i, min_length=4 + i, **GREEDY)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(8))
+    assert all(r.completion_tokens == 4 + i and r.finish_reason == "length" for i, r in results.items())
+
+
+def test_urls():
+    assert parse_url("localhost:8001", None) == ("grpc", "localhost:8001")
+    assert parse_url("http://h:8000/", None) == ("http", "h:8000")
+    assert parse_url("grpc://h:8001", "grpc") == ("grpc", "h:8001")
+    assert parse_url("h:8000", "http") == ("http", "h:8000")
+    for url, protocol in [("https://h", None), ("http://h:1", "grpc"), ("h:1", "websocket")]:
+        with pytest.raises(BaylingError):
+            parse_url(url, protocol)
