@@ -76,7 +76,7 @@ def sidebar() -> tuple[BayLingClient | None, dict, str]:
                                               value=min(512, context // 2), step=16)),
         }
         system = st.text_area("System text", value="", placeholder="optional: how the assistant should behave")
-        if st.button("Clear chat", use_container_width=True):
+        if st.button("Clear chat", width="stretch"):
             st.session_state.messages = []
     return client if ready else None, params, system.strip()
 
