@@ -8,18 +8,30 @@ import httpx
 import openai
 import pytest
 
-from tests.client_helpers import bayling_process, free_port, http_ok, metric, settled, stop_process, wait_until
+from tests.client_helpers import bayling_process, free_port, metric, settled, stop_process, wait_until
 
 pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MODEL = "SmolLM2-135M-Instruct"
 
 
+def answers(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
+
+
 def start_gateway(*args: str) -> tuple[object, str]:
+    """`bayling openai ARGS` on a free port, once it answers /health (200, or 503 without a server)."""
     port = free_port()
     process = bayling_process("openai", "--port", str(port), *args)
     base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: process.poll() is not None or http_ok(f"{base}/health"), 60, "the gateway")
+    try:
+        wait_until(lambda: process.poll() is not None or answers(f"{base}/health"), 60, "the gateway")
+    except BaseException:
+        stop_process(process)
+        raise
     assert process.poll() is None, stop_process(process)
     return process, base
 
@@ -175,17 +187,9 @@ def test_api_key_over_the_http_backend(default_server):
 
 
 def test_health_reports_an_unreachable_server():
-    process, base = None, None
-    port = free_port()
-    process = bayling_process("openai", "--port", str(port), "--url", "127.0.0.1:1")
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_gateway("--url", "127.0.0.1:1")
     try:
-        def answered():
-            try:
-                return httpx.get(f"{base}/health", timeout=5)
-            except httpx.HTTPError:
-                return None
-        response = wait_until(answered, 60, "the gateway")
+        response = httpx.get(f"{base}/health", timeout=30)
         assert response.status_code == 503 and response.json()["server_ready"] is False
         failed = httpx.post(f"{base}/v1/chat/completions", json={"model": "m", "messages": QUESTION}, timeout=60)
         assert failed.status_code == 503 and failed.json()["error"]["type"] == "server_error"
