@@ -80,6 +80,10 @@ class Entry:
         if scalar(inputs, "exclude_input_in_output", True) is False:
             raise InvalidInput("exclude_input_in_output", "the bayling model returns only the completion")
         params = validate(generation_values(inputs), defaults=self.text.defaults, max_context=self.max_context)
+        if self.text.manifest.engine == "ctranslate2":
+            for name in ("presence_penalty", "frequency_penalty"):
+                if getattr(params, name):
+                    raise InvalidInput(name, "is not supported by the CPU engine (CTranslate2); leave it at 0")
         raw_messages = inputs.get("messages")
         prompt_text = text(inputs, "text_input")
         if raw_messages is not None and prompt_text is not None:

@@ -86,3 +86,8 @@ def test_engine_inputs_follow_the_contract(entry):
     assert engine["runtime_top_k"][0, 0] == 1  # greedy, as TensorRT-LLM reads it
     assert engine["request_output_len"][0, 0] == 7 and engine["input_ids"].shape == (1, len(request.prompt_ids))
     assert engine["stop_words_list"].shape[:2] == (1, 2) and engine["random_seed"].dtype == np.uint64
+
+
+def test_the_cpu_engine_s_missing_penalties_are_refused_up_front(entry):
+    with pytest.raises(InvalidInput, match="^presence_penalty: is not supported by the CPU engine"):
+        entry.parse(inputs(text_input="a", presence_penalty=0.5))

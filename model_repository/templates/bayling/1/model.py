@@ -5,6 +5,7 @@ business-logic scripting (decoupled, streamed), and answers through its response
 """
 
 import logging
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,8 @@ class TritonPythonModel:
         self.in_flight_family = pb_utils.MetricFamily(name="bayling_requests_in_flight", kind=pb_utils.MetricFamily.GAUGE,
                                                       description="Requests the bayling model is answering now")
         self.in_flight = self.in_flight_family.Metric(labels={})
+        # The Python backend's metric calls are not thread-safe (concurrent ones crash tritonserver).
+        self.metrics_lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:
@@ -43,11 +46,15 @@ class TritonPythonModel:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _serve(self, request):
-        self.in_flight.increment(1)
+        self._count(self.in_flight, 1)
         try:
             self._answer(request)
         finally:
-            self.in_flight.increment(-1)
+            self._count(self.in_flight, -1)
+
+    def _count(self, metric, value):
+        with self.metrics_lock:
+            metric.increment(value)
 
     def _answer(self, request):
         sender = request.get_response_sender()
@@ -63,7 +70,7 @@ class TritonPythonModel:
             request_id = uuid.uuid4().hex
             reason = self.entry.generate(req, self._engine(req, request_id), lambda: self._stop(request_id),
                                          sender.is_cancelled, send)
-            self.finished[reason].increment(1)
+            self._count(self.finished[reason], 1)
         except Exception as exc:
             if not isinstance(exc, BaylingError):
                 log.exception("bayling request failed")
