@@ -668,3 +668,13 @@ def test_gpu_mode_turns_on_first_response_histograms_and_cpu_threads_default_to_
     assert "--cpu-threads" not in cpu  # by engine size unless set
     pinned = container(triton(render("cpu-values.yaml", sets=("triton.cpuThreads=4",)))["spec"]["template"]["spec"], "triton")
     assert arg(pinned, "--cpu-threads") == "4"
+
+
+@pytest.mark.parametrize("deployment, module", [("rel-bayling-openai", "bayling.client.openai_gateway"),
+                                                 ("rel-bayling-demo", "bayling.client.demo_ui")])
+def test_the_gateway_and_the_demo_accept_the_rendered_arguments(deployment, module):
+    c = one(render("gpu-values.yaml"), "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+    args = _parse_with_the_real_cli(module, c["args"])
+    assert args.url == "rel-bayling:8001"
+    assert getattr(args, "host", None) == "0.0.0.0" or getattr(args, "address", None) == "0.0.0.0"
+    assert args.port == c["ports"][0]["containerPort"]
