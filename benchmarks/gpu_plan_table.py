@@ -52,8 +52,8 @@ def plan_rows(context: int) -> list[str]:
 
 def speed_rows(context: int) -> list[str]:
     avg = context // 2
-    rows = [f"| model | weights / KV cache | GPU | bandwidth | 1 stream, tokens/s | batch (planner) | "
-            f"batch tokens/s |",
+    rows = ["| model | weights / KV cache | GPU | bandwidth | 1 stream, tokens/s | batch (planner) | "
+            "batch tokens/s |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for name, shape in MODELS:
         for quant, kv in (("int8-wo", "fp16"), ("fp16", "fp16")):

@@ -16,14 +16,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import AsyncIterator, Sequence
 
-from bayling import contract
 from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, BayLingServerError, ChatResult, ModelInfo,
-                                    backoff_delays, final_result, grpc_status_error, http_error,
-                                    model_info_from_config, outputs_from_arrays, parse_url, request_values)
+                                    backoff_delays, final_result, grpc_inputs, grpc_outputs, grpc_status_error,
+                                    http_error, httpx_options, model_info_from_config, parse_url, request_values,
+                                    sse_event)
 
 
 class AsyncChatStream:
@@ -71,16 +70,8 @@ class _AioGrpcTransport:
         self._grpc, self._grpcclient = grpc, grpcclient
         self._client = aio.InferenceServerClient(address)
 
-    def _inputs(self, values: dict) -> list:
-        inputs = []
-        for name, array in contract.request_arrays(MODEL, values).items():
-            tensor = self._grpcclient.InferInput(name, list(array.shape), contract.tensor(MODEL, name).wire_dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
-
     async def responses(self, values: dict, timeout: float) -> AsyncIterator[tuple[dict, bool]]:
-        request = {"model_name": MODEL, "inputs": self._inputs(values)}
+        request = {"model_name": MODEL, "inputs": grpc_inputs(self._grpcclient, values)}
 
         async def one_request():
             yield request
@@ -91,9 +82,7 @@ class _AioGrpcTransport:
             async for result, error in call:
                 if error is not None:
                     raise BayLingServerError("INTERNAL", error.message())
-                response = result.get_response()
-                final = response.parameters["triton_final_response"].bool_param
-                outputs = outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs})
+                outputs, final = grpc_outputs(result)
                 finished = finished or final
                 yield outputs, final
                 if final:
@@ -129,8 +118,7 @@ class _AioHttpTransport:
 
         self._httpx = httpx
         self.base = f"http://{address}"
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self._client = httpx.AsyncClient(**httpx_options(httpx, timeout))
 
     async def _call(self, awaitable):
         httpx = self._httpx
@@ -168,12 +156,10 @@ class _AioHttpTransport:
                     line = await self._call(lines.__anext__())
                 except StopAsyncIteration:
                     return
-                if not line.startswith("data:"):
+                parsed = sse_event(line)
+                if parsed is None:
                     continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise BayLingServerError("INTERNAL", str(event["error"]))
-                final = bool(event.get("finish_reason"))
+                event, final = parsed
                 yield event, final
                 if final:
                     return

@@ -214,6 +214,40 @@ def backoff_delays(retries: int, backoff: float, cap: float = 10.0) -> list[floa
     return [min(cap, backoff * 2 ** i) * (1 + 0.1 * random.random()) for i in range(retries)]
 
 
+# --- the wire: shared by the sync and asyncio transports
+
+def grpc_inputs(grpcclient, values: dict) -> list:
+    """tritonclient InferInputs for one request to the entry model (`grpcclient`: tritonclient.grpc)."""
+    inputs = []
+    for name, array in contract.request_arrays(MODEL, values).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), contract.tensor(MODEL, name).wire_dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def grpc_outputs(result) -> tuple[dict, bool]:
+    """(outputs, final) of one streamed gRPC InferResult."""
+    response = result.get_response()
+    final = response.parameters["triton_final_response"].bool_param
+    return outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs}), final
+
+
+def sse_event(line: str) -> tuple[dict, bool] | None:
+    """(event, final) of one line of Triton's generate_stream; None for a line that is not an event."""
+    if not line.startswith("data:"):
+        return None
+    event = json.loads(line[5:])
+    if "error" in event:
+        raise BayLingServerError("INTERNAL", str(event["error"]))
+    return event, bool(event.get("finish_reason"))
+
+
+def httpx_options(httpx, timeout: float) -> dict:
+    return {"timeout": httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            "limits": httpx.Limits(max_connections=256, max_keepalive_connections=64)}
+
+
 # --- transports: each yields (outputs, final) for one request
 
 class _GrpcTransport:
@@ -226,16 +260,8 @@ class _GrpcTransport:
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._control = grpcclient.InferenceServerClient(address)
 
-    def _inputs(self, values: dict) -> list:
-        inputs = []
-        for name, array in contract.request_arrays(MODEL, values).items():
-            tensor = self._grpcclient.InferInput(name, list(array.shape), contract.tensor(MODEL, name).wire_dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
-
     def responses(self, values: dict, timeout: float) -> Iterator[tuple[dict, bool]]:
-        inputs = self._inputs(values)
+        inputs = grpc_inputs(self._grpcclient, values)
         try:
             client = self._idle.get_nowait()
         except queue.Empty:
@@ -263,9 +289,7 @@ class _GrpcTransport:
                     raise BayLingServerError("DEADLINE_EXCEEDED", f"no answer within {timeout:g} s") from None
                 if error is not None:
                     raise grpc_status_error(error.status(), error.message())
-                response = result.get_response()
-                final = response.parameters["triton_final_response"].bool_param
-                outputs = outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs})
+                outputs, final = grpc_outputs(result)
                 if final:
                     finished = True
                 yield outputs, final
@@ -311,8 +335,7 @@ class _HttpTransport:
 
         self._httpx = httpx
         self.base = f"http://{address}"
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self._client = httpx.Client(**httpx_options(httpx, timeout))
 
     def _call(self, fn):
         httpx = self._httpx
@@ -348,12 +371,10 @@ class _HttpTransport:
                 line = self._call(lambda: next(lines, None))
                 if line is None:
                     return                   # the server closed the stream without a final answer
-                if not line.startswith("data:"):
+                parsed = sse_event(line)
+                if parsed is None:
                     continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise BayLingServerError("INTERNAL", str(event["error"]))
-                final = bool(event.get("finish_reason"))
+                event, final = parsed
                 yield event, final
                 if final:
                     return
