@@ -12,7 +12,6 @@ INT8 with batching) and back. Defaults to the embedded default model's engine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,28 +32,27 @@ PROMPTS = [
 
 
 def served(grpc_url: str, prompts: list[str], tokens: int) -> tuple[float, int]:
-    """All prompts at once, one gRPC stream each; returns (seconds, tokens generated)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.triton_helpers import final_value, grpc_stream
+    """All prompts at once, one streamed gRPC request each; returns (seconds, tokens generated)."""
+    from bayling.client import BayLingClient
 
     results = [None] * len(prompts)
+    with BayLingClient(grpc_url, retries=0) as client:
+        def run(i):
+            with client.stream_chat(prompts[i], max_tokens=tokens, temperature=0.0) as stream:
+                for _ in stream:
+                    pass
+                results[i] = stream.result
 
-    def run(i):
-        messages = json.dumps([{"role": "user", "content": prompts[i]}], ensure_ascii=False)
-        results[i] = grpc_stream(grpc_url, {"messages": messages, "max_tokens": tokens, "temperature": 0.0,
-                                            "stream": True})
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    for r in results:
-        if r.error:
-            raise SystemExit(f"served request failed: {r.error}")
-    return elapsed, sum(final_value(r, "completion_tokens") for r in results)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+    if any(r is None for r in results):
+        raise SystemExit("a served request failed (see the traceback above)")
+    return elapsed, sum(r.completion_tokens for r in results)
 
 
 def prompt_ids(tokenizer, prompts):

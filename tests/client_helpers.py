@@ -76,12 +76,6 @@ def stop_process(process: subprocess.Popen, timeout: float = 15) -> str:
     return process.stdout.read() if process.stdout else ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:

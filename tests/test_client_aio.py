@@ -9,7 +9,8 @@ import pytest
 
 from bayling.client import AsyncBayLingClient, BayLingClient, BayLingServerError
 from bayling.errors import InvalidInput
-from tests.client_helpers import free_port, metric, settled
+from bayling.model_repository.server import free_port
+from tests.client_helpers import metric, settled
 
 pytestmark = pytest.mark.e2e
 FRANCE = "What is the capital of France?"

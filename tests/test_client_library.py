@@ -11,7 +11,8 @@ import pytest
 from bayling.client import BayLingClient, BayLingServerError, ChatResult
 from bayling.client.library import parse_url
 from bayling.errors import BaylingError, InvalidInput
-from tests.client_helpers import TcpForwarder, free_port, metric, settled
+from bayling.model_repository.server import free_port
+from tests.client_helpers import TcpForwarder, metric, settled
 
 pytestmark = pytest.mark.e2e
 GREEDY = {"temperature": 0.0}

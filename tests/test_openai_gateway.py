@@ -8,7 +8,8 @@ import httpx
 import openai
 import pytest
 
-from tests.client_helpers import bayling_process, free_port, metric, settled, stop_process, wait_until
+from bayling.model_repository.server import free_port
+from tests.client_helpers import bayling_process, metric, settled, stop_process, wait_until
 
 pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

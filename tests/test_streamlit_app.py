@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.client_helpers import ROOT, bayling_process, free_port, http_ok, metric, stop_process, wait_until
+from bayling.model_repository.server import free_port
+from tests.client_helpers import ROOT, bayling_process, http_ok, metric, stop_process, wait_until
 from tests.conftest import SCRIPT_SHOWN
 
 pytestmark = pytest.mark.e2e
