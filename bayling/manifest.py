@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bayling.errors import BaylingError
+from bayling.files import write_atomically
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -54,15 +54,8 @@ class EngineManifest:
 
 
 def write_manifest(engine_dir: Path, manifest: EngineManifest) -> Path:
-    """Write atomically: a reader sees either no manifest or a complete one."""
-    path = Path(engine_dir) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Written atomically: a reader sees either no manifest or a complete one."""
+    return write_atomically(Path(engine_dir) / MANIFEST_NAME, manifest.to_json())
 
 
 def read_json(path: Path) -> dict:

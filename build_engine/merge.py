@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 from bayling import __version__
 from bayling.errors import BaylingError
+from bayling.files import fsync_dir, write_atomically
 from bayling.progress import format_bytes, progress
 
 from .checkpoint import CheckpointReader, TensorInfo, natural_key
@@ -385,29 +386,6 @@ def _recorded_fingerprints(other_dir: Path) -> dict[str, str]:
 # Files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
@@ -557,7 +535,7 @@ _DONE = object()
 
 
 def _journal_write(out: Path, plan: Plan, done: dict) -> None:
-    atomic_write(out / JOURNAL, _json_bytes({"format": FORMAT, "plan_id": plan.plan_id, "done": done}))
+    write_atomically(out / JOURNAL, _json_bytes({"format": FORMAT, "plan_id": plan.plan_id, "done": done}))
 
 
 def _drop_behind(fd: int, offset: int, length: int) -> None:
@@ -675,7 +653,7 @@ def _run_pipeline(plan: Plan, todo: list[PlannedShard], base: CheckpointReader, 
                     if tmp.stat().st_size != shard.size:
                         raise BaylingError(f"{tmp} has {tmp.stat().st_size} bytes, expected {shard.size}")
                     os.replace(tmp, out / shard.name)
-                    _fsync_dir(out)
+                    fsync_dir(out)
                     done[shard.name] = {"sha256": item.digest, "size": shard.size, "tensors": shard_stats}
                     _journal_write(out, plan, done)
         except _Stop:
@@ -897,10 +875,10 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
         # Index, config and tokenizer, then the manifest.
         index = {"metadata": {"total_size": sum(s.data_bytes for s in plan.shards)},
                  "weight_map": {t.name: s.name for s in plan.shards for t in s.tensors}}
-        atomic_write(out / INDEX, json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+        write_atomically(out / INDEX, json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
         for src in side:
             data = src.read_bytes()
-            atomic_write(out / src.name, data)
+            write_atomically(out / src.name, data)
         files = {s.name: {"sha256": done[s.name]["sha256"], "size": done[s.name]["size"]} for s in plan.shards}
         for name in [INDEX] + [p.name for p in side]:
             files[name] = {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
@@ -922,7 +900,7 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
             "tensors": {t.name: {"shard": s.name, "shape": list(t.shape), "dtype": t.dtype, "kind": t.kind,
                                  "stats": stats.get(t.name)} for s in plan.shards for t in s.tensors},
         }
-        atomic_write(out / MANIFEST, _json_bytes(manifest))
+        write_atomically(out / MANIFEST, _json_bytes(manifest))
         _remove([out / JOURNAL])
         result.manifest = manifest
         if check.failed or check.fingerprint_mismatch:

@@ -20,12 +20,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from bayling.errors import BaylingError
+from bayling.files import write_atomically
 from bayling.translation import translation_prompt
 
 
@@ -78,20 +78,6 @@ def read_journal(path: Path) -> dict[tuple[int, str], str]:
             except (ValueError, KeyError, TypeError):
                 continue
     return done
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A reader (or a crash) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def one_line(text: str) -> str:
