@@ -11,13 +11,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+from bayling.sizes import format_bytes
 
 
 class _LogProgress:

@@ -206,7 +206,7 @@ def main() -> int:
     ap.add_argument("--no-naive", action="store_true", help="skip the transformers whole-model merge")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each method; the table shows medians (default 3)")
     args = ap.parse_args()
-    from bayling.build_engine.merge import parse_size
+    from bayling.sizes import parse_size
 
     sizes = [parse_size(s) for s in (args.size or ["2GB"])]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bayling-bench-merge-", dir="/var/tmp"))

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bayling.errors import BaylingError
 from bayling.manifest import read_json
+from bayling.sizes import parse_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 QUANTS = ("int8-wo", "int8-sq", "fp16")
@@ -394,17 +394,7 @@ def _refusal(model: ModelShape, quant: str, kv_cache: str, tp: int, gpu_memory: 
 
 def parse_memory(text: str | int) -> int:
     """'16GiB', '16 GB' (decimal), '24G' (binary, like nvidia-smi's MiB), '80000MiB', or bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise BaylingError(f"cannot read {text!r} as a memory size (examples: 16GiB, 24GB, 40960MiB)")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit in ("", "b"):
-        return int(value)
-    power = "kmgt".index(unit[0]) + 1
-    decimal = unit.endswith("b") and not unit.endswith("ib")
-    return int(value * (1000 if decimal else 1024) ** power)
+    return parse_size(text, bare_unit_base=1024, what="memory size", examples="16GiB, 24GB, 40960MiB")
 
 
 def _check(value: str, choices: tuple[str, ...], what: str) -> None:

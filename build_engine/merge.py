@@ -58,7 +58,8 @@ from typing import Any, Callable
 from bayling import __version__
 from bayling.errors import BaylingError
 from bayling.files import fsync_dir, write_atomically
-from bayling.progress import format_bytes, progress
+from bayling.progress import progress
+from bayling.sizes import format_bytes
 
 from .checkpoint import CheckpointReader, TensorInfo, natural_key
 
@@ -95,25 +96,6 @@ class Options:
     keep_free: int = DEFAULT_KEEP_FREE
     force: bool = False
     chunk_bytes: int = CHUNK_BYTES  # largest read per input per step; does not change the output
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB' -> 2*10**9, '2GiB' -> 2*2**30, '500M' -> 500*10**6, '1234' -> 1234."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
-             "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40,
-             "P": 10**15, "PB": 10**15, "PIB": 2**50}
-    num = s.rstrip("KMGTPIB")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value < 0:
-        raise BaylingError(f"cannot read '{text}' as a size (examples: 2GB, 500MB, 1GiB, 1048576)")
-    return int(value * units[unit])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace):
-    from .merge import Options, parse_size
+    from bayling.sizes import parse_size
+
+    from .merge import Options
 
     return Options(max_shard_size=parse_size(args.max_shard_size), threads=args.threads,
                    skip_base_check=args.skip_base_check, max_delta_ratio=args.max_delta_ratio,
@@ -87,7 +89,7 @@ def _options(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     from bayling.errors import BaylingError
-    from bayling.progress import format_bytes
+    from bayling.sizes import format_bytes
 
     if args.verify:
         if args.base or args.delta or args.target or args.output or args.make_diff:
