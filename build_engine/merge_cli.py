@@ -46,7 +46,7 @@ import argparse
 import sys
 
 # merge.py imports torch only when it runs, so this stays light
-from .merge import DEFAULT_MAX_INEXACT, DEFAULT_MAX_RATIO
+from .merge_plan import DEFAULT_MAX_INEXACT, DEFAULT_MAX_RATIO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace):
     from bayling.sizes import parse_size
 
-    from .merge import Options
+    from .merge_plan import Options
 
     return Options(max_shard_size=parse_size(args.max_shard_size), threads=args.threads,
                    skip_base_check=args.skip_base_check, max_delta_ratio=args.max_delta_ratio,
