@@ -16,8 +16,9 @@ Requests with other sampling settings wait for the next batch.
 Sampling with a fixed `random_seed` runs alone, on a freshly created generator:
 CTranslate2's sampler uses a random generator per worker thread, seeded once from the
 process-wide seed when the thread first samples, so `set_random_seed` only reaches a new
-worker. Creating one reloads the engine files (about 0.1 s for the default model, more
-for larger ones), a cost paid only by seeded sampling requests.
+worker. The engine is released and loaded again for it (from the page cache: about 0.1 s
+for the default model, seconds for a 13B model; memory stays that of one copy), a cost
+paid only by seeded sampling requests; greedy and unseeded requests never pay it.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Ct2Engine:
         self.gather_s = gather_ms / 1000
         self.join_budget = join_budget
         self.restarts = 0
+        self.reloads = 0    # generators created for seeded sampling
         self._arrivals = 0  # submissions so far: a cheap "anything new?" check from the callback
         self._pending: deque[_Active] = deque()
         self._by_id: dict[str, _Active] = {}
@@ -195,6 +197,18 @@ class Ct2Engine:
             self._pending = deque(a for a in live if a not in batch)
             return batch
 
+    def _reseed(self, seed: int) -> None:
+        """Replace the generator by one whose worker starts from `seed` (see the module docstring).
+        The old one is released first, so the engine is never in memory twice."""
+        self.generator = None
+        self._ct2.set_random_seed(seed)
+        try:
+            self.generator = self._ct2.Generator(**self._generator_options)
+        finally:
+            if self.generator is None:  # the load failed: try once more, so that the engine keeps serving
+                self.generator = self._ct2.Generator(**self._generator_options)
+        self.reloads += 1
+
     def _joinable(self, key: tuple, batch: list[_Active]) -> bool:
         """Is a compatible request waiting, and is restarting the batch for it cheap enough?"""
         with self._cond:
@@ -206,10 +220,9 @@ class Ct2Engine:
         """Generate for `batch`; True when it stopped early so that waiting requests can join."""
         self.batch_sizes.append(len(batch))
         first = batch[0].request
-        generator = self.generator
         if first.random_seed is not None and not first.greedy:
-            self._ct2.set_random_seed(int(first.random_seed))
-            generator = self._ct2.Generator(**self._generator_options)  # a new worker takes the seed
+            self._reseed(int(first.random_seed))
+        generator = self.generator
         vocab = self.vocabulary
         key = first.batch_key()
         # min_length and repetition penalty count tokens since the start of a call: no restarts then
@@ -263,8 +276,6 @@ class Ct2Engine:
 
         generator.generate_batch([[vocab[t] for t in a.request.input_ids + a.generated] for a in batch],
                                  callback=on_token, **options)
-        if generator is not self.generator:
-            del generator
         if restart:
             return True
         for active in batch:

@@ -117,6 +117,7 @@ def test_sampling_with_a_seed_repeats_whatever_ran_before(default_engine, smol_t
         sample(None)  # unseeded sampling in between moves the shared random state
         assert sample(1234) == first and len(first) == 16
         assert sample(99) != first
+        assert engine.reloads == 3, "seeded requests reload the engine, unseeded ones do not"
     finally:
         engine.shutdown()
         del engine.generator
