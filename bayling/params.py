@@ -31,6 +31,8 @@ class GenerationParams:
     length_penalty: float = 1.0
     beam_width: int = 1
     random_seed: int | None = None
+    end_id: int | None = None           # None: the model's end token; -1: none (run to max_tokens)
+    pad_id: int | None = None           # None: the model's pad token
     stop_words: list[str] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)
 
@@ -87,6 +89,12 @@ def validate(values: dict, *, defaults: GenerationParams | None = None, max_cont
             if not 0 <= seed <= UINT64_MAX:
                 raise InvalidInput(name, f"must be between 0 and 2**64-1, got {seed}")
             p.random_seed = seed
+        elif name in ("end_id", "pad_id"):
+            token = _number(name, value, int)
+            lowest = -1 if name == "end_id" else 0
+            if token < lowest:
+                raise InvalidInput(name, f"must be a token id{' or -1 (no end token)' if lowest else ''}, got {token}")
+            setattr(p, name, token)
         else:
             kind = type(getattr(GenerationParams(), name))
             setattr(p, name, _number(name, value, kind))

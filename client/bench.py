@@ -2,8 +2,8 @@
 (ITL = (request latency - TTFT) / (output tokens - 1)), output tokens/s and requests/s, at several
 concurrency levels, over gRPC, HTTP and the OpenAI-compatible gateway side by side.
 
-Every request streams and generates exactly --max-tokens tokens (min_length = max_tokens; the
-gateway's min_tokens), so the protocols do the same work. Each level runs --requests requests
+Every request streams and generates exactly --max-tokens tokens (end_id -1, TensorRT-LLM's "no
+end token"; the gateway's ignore_eos), so the protocols do the same work. Each level runs --requests requests
 (default: 2 x concurrency, at least 8) after one warm-up request. Without --openai-url the
 benchmark starts a gateway (`bayling openai`, its own process) in front of --url.
 
@@ -85,7 +85,7 @@ class Level:
 async def bayling_request(client, i: int, max_tokens: int) -> Sample:
     start = time.perf_counter()
     first = None
-    async with client.stream_chat(PROMPT.format(i=i), max_tokens=max_tokens, min_length=max_tokens,
+    async with client.stream_chat(PROMPT.format(i=i), max_tokens=max_tokens, end_id=-1,
                                   temperature=0.0) as stream:
         async for _ in stream:
             if first is None:
@@ -98,7 +98,7 @@ async def bayling_request(client, i: int, max_tokens: int) -> Sample:
 
 async def openai_request(http, base: str, model: str, i: int, max_tokens: int) -> Sample:
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT.format(i=i)}], "max_tokens": max_tokens,
-            "min_tokens": max_tokens, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
     tokens = None

@@ -4,7 +4,7 @@ Tools that speak the OpenAI API talk to BayLing through it: POST /v1/chat/comple
 POST /v1/completions (streamed as server-sent events ending with `data: [DONE]`, or not),
 GET /v1/models and GET /health. It maps max_tokens (or max_completion_tokens), temperature,
 top_p, stop, seed, presence_penalty and frequency_penalty (the CPU engine refuses non-zero
-penalties), plus the extensions top_k, repetition_penalty and min_tokens. Unsupported
+penalties), plus the extensions top_k, repetition_penalty, min_tokens and ignore_eos (as vLLM's). Unsupported
 parameters (n > 1, logprobs, tools, response_format other than text, ...) answer 400 with an
 OpenAI-style error naming the parameter. A client that disconnects mid-stream cancels the
 generation on the server. With --api-key (or BAYLING_API_KEY), /v1 needs `Authorization: Bearer KEY`.
@@ -106,6 +106,11 @@ def generation_params(body: dict, default_max_tokens: int | None = None) -> dict
             params[name] = None
     params["random_seed"] = body.get("seed")
     params["min_length"] = body.get("min_tokens")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise OpenAIError(400, "ignore_eos: must be true or false", "ignore_eos")
+    if ignore_eos:
+        params["end_id"] = -1        # TensorRT-LLM's "no end id": generate max_tokens tokens
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):

@@ -24,9 +24,9 @@ class EngineText:
     byte_runs: ByteRuns
     defaults: GenerationParams
 
-    def text_stream(self, extra_stop_strings: list[str] = ()) -> TextStream:
+    def text_stream(self, extra_stop_strings: list[str] = (), *, stop_tokens: bool = True) -> TextStream:
         m = self.manifest
-        return TextStream(self.decode, byte_runs=self.byte_runs, stop_token_ids=m.stop_token_ids,
+        return TextStream(self.decode, byte_runs=self.byte_runs, stop_token_ids=m.stop_token_ids if stop_tokens else (),
                           stop_strings=[*m.stop_strings, *extra_stop_strings],
                           placeholders=m.placeholders)
 

@@ -27,7 +27,7 @@ PARAM_TENSORS = {
     "max_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "min_length": "min_length", "length_penalty": "length_penalty",
-    "beam_width": "beam_width", "random_seed": "random_seed",
+    "beam_width": "beam_width", "random_seed": "random_seed", "end_id": "end_id", "pad_id": "pad_id",
 }
 NOT_FROM_ENTRY = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
@@ -84,6 +84,10 @@ class Entry:
             for name in ("presence_penalty", "frequency_penalty"):
                 if getattr(params, name):
                     raise InvalidInput(name, "is not supported by the CPU engine (CTranslate2); leave it at 0")
+        for name in ("end_id", "pad_id"):
+            token = getattr(params, name)
+            if token is not None and token >= self.text.manifest.vocab_size:
+                raise InvalidInput(name, f"must be below the vocabulary size {self.text.manifest.vocab_size}, got {token}")
         raw_messages = inputs.get("messages")
         prompt_text = text(inputs, "text_input")
         if raw_messages is not None and prompt_text is not None:
@@ -112,14 +116,15 @@ class Entry:
             "input_ids": np.array([req.prompt_ids], dtype=np.int32),
             "input_lengths": np.array([[len(req.prompt_ids)]], dtype=np.int32),
             "request_output_len": np.array([[p.max_tokens]], dtype=np.int32),
-            "end_id": np.array([[m.eos_id]], dtype=np.int32),
-            "pad_id": np.array([[m.pad_id]], dtype=np.int32),
+            "end_id": np.array([[m.eos_id if p.end_id is None else p.end_id]], dtype=np.int32),
+            "pad_id": np.array([[m.pad_id if p.pad_id is None else p.pad_id]], dtype=np.int32),
             "streaming": np.array([[True]]),  # always: stop strings end generation early
             "exclude_input_in_output": np.array([[True]]),
             "repetition_penalty": np.array([[p.repetition_penalty]], dtype=np.float32),
             **engine_sampling(p),
         }
-        stop_ids = [[t] for t in m.stop_token_ids if t != m.eos_id]
+        no_end = p.end_id == -1  # TensorRT-LLM's "no end id": neither EOS nor the template's stop tokens end it
+        stop_ids = [] if no_end else [[t] for t in m.stop_token_ids if t != m.eos_id]
         stop_ids += [self.text.tokenizer.encode(w, add_special_tokens=False) for w in p.stop_words]
         if any(stop_ids):
             inputs["stop_words_list"] = word_list(stop_ids)[None]
@@ -154,7 +159,7 @@ class Entry:
         `engine_responses` yields the engine's responses; `stop_engine` asks the engine to end
         this request early (stop string, cancellation); `send(outputs, final)` answers the client.
         """
-        stream = self.text.text_stream(req.params.stop_words)
+        stream = self.text.text_stream(req.params.stop_words, stop_tokens=req.params.end_id != -1)
         pieces: list[str] = []
         engine_stopped = cancelled = False
         for outputs in engine_responses:

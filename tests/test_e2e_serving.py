@@ -174,6 +174,17 @@ def test_scripted_model_shows_placeholders_replaced_and_chinese_whole(scripted_s
     assert not any("[" in p or "\ufffd" in p for p in streamed.pieces)  # no partial placeholder, no half character
 
 
+def test_end_id_minus_one_generates_max_tokens_past_the_end_token(scripted_server):
+    """TensorRT-LLM's "no end id" (what benchmarks use for fixed-length answers) on the CPU engine."""
+    request = chat("你好", max_tokens=40, **GREEDY)
+    normal = grpc_stream(scripted_server.grpc, request)
+    no_end = grpc_stream(scripted_server.grpc, {**request, "end_id": -1})
+    assert no_end.error is None and normal.error is None
+    assert final_value(normal, "finish_reason") == "stop" and final_value(normal, "completion_tokens") < 40
+    assert final_value(no_end, "finish_reason") == "length" and final_value(no_end, "completion_tokens") == 40
+    assert no_end.text.startswith(SCRIPT_SHOWN) and len(no_end.text) > len(SCRIPT_SHOWN)
+
+
 def test_long_conversations_drop_whole_old_turns(scripted_server):
     messages = []
     for i in range(30):

@@ -91,3 +91,28 @@ def test_engine_inputs_follow_the_contract(entry):
 def test_the_cpu_engine_s_missing_penalties_are_refused_up_front(entry):
     with pytest.raises(InvalidInput, match="^presence_penalty: is not supported by the CPU engine"):
         entry.parse(inputs(text_input="a", presence_penalty=0.5))
+
+
+def test_end_and_pad_ids_are_the_model_s_unless_given(entry):
+    m = entry.text.manifest
+    default = entry.engine_inputs(entry.parse(inputs(text_input="hello", max_tokens=7)))
+    assert (default["end_id"][0, 0], default["pad_id"][0, 0]) == (m.eos_id, m.pad_id)
+    given = entry.engine_inputs(entry.parse(inputs(text_input="hello", max_tokens=7, end_id=5, pad_id=6)))
+    assert (given["end_id"][0, 0], given["pad_id"][0, 0]) == (5, 6)
+    for name in ("end_id", "pad_id"):
+        with pytest.raises(InvalidInput, match=f"^{name}: must be below the vocabulary size {m.vocab_size}"):
+            entry.parse(inputs(text_input="a", **{name: m.vocab_size}))
+
+
+def test_end_id_minus_one_runs_past_the_end_token_to_max_tokens(entry, llama_tokenizer):
+    eos = entry.text.manifest.eos_id
+    ids = llama_tokenizer.encode("one two", add_special_tokens=False)
+    ids = ids + [eos] + ids
+    normal = entry.parse(inputs(text_input="x", max_tokens=len(ids)))
+    reason, sent, _ = drive(entry, normal, ids)
+    assert reason == "stop" and text_of(sent) == "one two"
+    no_end = entry.parse(inputs(text_input="x", max_tokens=len(ids), end_id=-1))
+    assert no_end.params.end_id == -1 and entry.engine_inputs(no_end)["end_id"][0, 0] == -1
+    assert "stop_words_list" not in entry.engine_inputs(no_end)  # nor the template's stop tokens
+    reason, sent, _ = drive(entry, no_end, ids)
+    assert reason == "length" and text_of(sent).startswith("one two") and len(text_of(sent)) > len("one two")

@@ -106,6 +106,11 @@ def test_max_tokens_stop_and_system_are_mapped(oai):
     with_system = oai.chat.completions.create(model=MODEL, messages=system, temperature=0, max_tokens=8)
     plain = oai.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
     assert with_system.usage.prompt_tokens != plain.usage.prompt_tokens
+    ended = oai.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=200)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 200
+    fixed = oai.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=200,
+                                        extra_body={"ignore_eos": True})      # vLLM's extension
+    assert (fixed.usage.completion_tokens, fixed.choices[0].finish_reason) == (200, "length")
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -124,6 +129,7 @@ def test_max_tokens_stop_and_system_are_mapped(oai):
     ({"seed": -1}, "seed"),
     ({"stop": [""]}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
 ])
 def test_unsupported_or_invalid_parameters_answer_400_naming_them(oai, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -32,6 +32,9 @@ def test_defaults_come_from_the_engine():
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"random_seed": -1}, "random_seed"),
+    ({"end_id": -2}, "end_id"),
+    ({"end_id": 1.5}, "end_id"),
+    ({"pad_id": -1}, "pad_id"),
     ({"stop_words": [""]}, "stop_words"),
     ({"stop_words": ["x"] * 17}, "stop_words"),
     ({"beam_width": 4}, "beam_width"),
@@ -49,3 +52,9 @@ def test_max_tokens_limited_by_context():
     assert validate({"max_tokens": 2048}, max_context=2048).max_tokens == 2048
     with pytest.raises(InvalidInput, match="max_tokens: must be between 1 and 2048"):
         validate({"max_tokens": 2049}, max_context=2048)
+
+
+def test_end_id_minus_one_means_no_end_token_as_in_tensorrt_llm():
+    p = validate({"end_id": -1, "pad_id": 0})
+    assert (p.end_id, p.pad_id) == (-1, 0)
+    assert validate({}).end_id is None  # the engine's own end token
