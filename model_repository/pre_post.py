@@ -33,7 +33,8 @@ class Preprocessor:
         if len(ids) + max_tokens > m.max_context:
             raise InvalidInput("text_input", f"the prompt is {len(ids)} tokens; with max_tokens {max_tokens} it "
                                              f"does not fit the context of {m.max_context} tokens")
-        stop = [[t] for t in m.stop_token_ids if t != m.eos_id]
+        end_id = scalar(inputs, "END_ID", m.eos_id)
+        stop = [] if end_id == -1 else [[t] for t in m.stop_token_ids if t != m.eos_id]  # -1: no end token at all
         stop += [self.text.tokenizer.encode(w, add_special_tokens=False) for w in texts(inputs, "STOP_WORDS_DICT")]
         bad = [self.text.tokenizer.encode(w, add_special_tokens=False) for w in texts(inputs, "BAD_WORDS_DICT")]
         return {
@@ -42,7 +43,7 @@ class Preprocessor:
             "REQUEST_OUTPUT_LEN": np.array([[max_tokens]], dtype=np.int32),
             "STOP_WORDS_IDS": word_list(stop)[None],
             "BAD_WORDS_IDS": word_list(bad)[None],
-            "OUT_END_ID": np.array([[scalar(inputs, "END_ID", m.eos_id)]], dtype=np.int32),
+            "OUT_END_ID": np.array([[end_id]], dtype=np.int32),
             "OUT_PAD_ID": np.array([[scalar(inputs, "PAD_ID", m.pad_id)]], dtype=np.int32),
         }
 

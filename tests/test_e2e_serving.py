@@ -183,6 +183,15 @@ def test_end_id_minus_one_generates_max_tokens_past_the_end_token(scripted_serve
     assert final_value(normal, "finish_reason") == "stop" and final_value(normal, "completion_tokens") < 40
     assert final_value(no_end, "finish_reason") == "length" and final_value(no_end, "completion_tokens") == 40
     assert no_end.text.startswith(SCRIPT_SHOWN) and len(no_end.text) > len(SCRIPT_SHOWN)
+    from bayling.templates import builtin_template, render_prompt
+
+    prompt = {"text_input": render_prompt([{"role": "user", "content": "你好"}], builtin_template("bayling")),
+              "max_tokens": 40, "top_k": 1}
+    normal_status, normal_body = http_generate(scripted_server.http, prompt, model="ensemble")
+    no_end_status, no_end_body = http_generate(scripted_server.http, {**prompt, "end_id": -1}, model="ensemble")
+    assert (normal_status, no_end_status) == (200, 200)
+    assert normal_body["text_output"] == SCRIPT_SHOWN                     # the ensemble reads end_id the same way
+    assert no_end_body["text_output"].startswith(SCRIPT_SHOWN) and no_end_body["text_output"] != SCRIPT_SHOWN
 
 
 def test_long_conversations_drop_whole_old_turns(scripted_server):
