@@ -16,6 +16,7 @@ GREEDY_BELOW = 1e-5          # temperature under this means greedy, as in BayLin
 MAX_STOP_WORDS = 16
 MAX_STOP_WORD_CHARS = 256
 UINT64_MAX = 2**64 - 1
+NO_END_ID = -1               # TensorRT-LLM's end_id for "no end token": generate max_tokens tokens
 
 
 @dataclass
@@ -31,7 +32,7 @@ class GenerationParams:
     length_penalty: float = 1.0
     beam_width: int = 1
     random_seed: int | None = None
-    end_id: int | None = None           # None: the model's end token; -1: none (run to max_tokens)
+    end_id: int | None = None           # None: the model's end token; NO_END_ID: none
     pad_id: int | None = None           # None: the model's pad token
     stop_words: list[str] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)
@@ -91,9 +92,9 @@ def validate(values: dict, *, defaults: GenerationParams | None = None, max_cont
             p.random_seed = seed
         elif name in ("end_id", "pad_id"):
             token = _number(name, value, int)
-            lowest = -1 if name == "end_id" else 0
+            lowest = NO_END_ID if name == "end_id" else 0
             if token < lowest:
-                raise InvalidInput(name, f"must be a token id{' or -1 (no end token)' if lowest else ''}, got {token}")
+                raise InvalidInput(name, f"must be a token id{f' or {NO_END_ID} (no end token)' if lowest else ''}, got {token}")
             setattr(p, name, token)
         else:
             kind = type(getattr(GenerationParams(), name))

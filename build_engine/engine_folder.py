@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -155,9 +155,7 @@ def folder_sizes(engine_dir: Path) -> dict[str, int]:
 def make_manifest(engine: str, source: SourceModel, text: TextSettings, max_context: int,
                   build: dict, versions: dict[str, str], engine_dir: Path) -> EngineManifest:
     return EngineManifest(
-        engine=engine, model_name=source.name, template=text.template, placeholders=text.placeholders,
-        max_context=max_context, bos_id=text.bos_id, eos_id=text.eos_id, pad_id=text.pad_id,
-        vocab_size=text.vocab_size, stop_token_ids=text.stop_token_ids, stop_strings=text.stop_strings,
+        engine=engine, model_name=source.name, max_context=max_context, **asdict(text),
         defaults=default_generation(max_context), source=source.describe(), build=build,
         sizes=folder_sizes(engine_dir), versions=versions,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -28,6 +28,7 @@ import time
 import uuid
 
 from bayling.errors import BaylingError
+from bayling.params import NO_END_ID
 
 # BayLing request field -> the OpenAI parameter users wrote
 OPENAI_PARAM = {"random_seed": "seed", "stop_words": "stop", "min_length": "min_tokens", "text_input": "prompt"}
@@ -110,7 +111,7 @@ def generation_params(body: dict, default_max_tokens: int | None = None) -> dict
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise OpenAIError(400, "ignore_eos: must be true or false", "ignore_eos")
     if ignore_eos:
-        params["end_id"] = -1        # TensorRT-LLM's "no end id": generate max_tokens tokens
+        params["end_id"] = NO_END_ID   # generate max_tokens tokens
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):

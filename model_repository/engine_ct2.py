@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bayling.errors import InvalidInput
+from bayling.params import NO_END_ID
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ class Ct2Engine:
             raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
         if request.max_new_tokens < 1:
             raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
-        if request.end_id is not None and not -1 <= request.end_id < vocab:
-            raise InvalidInput("end_id", f"must be a token id below {vocab}, or -1 (no end token), got {request.end_id}")
+        if request.end_id is not None and not NO_END_ID <= request.end_id < vocab:
+            raise InvalidInput("end_id", f"must be a token id below {vocab}, or {NO_END_ID} (no end token), "
+                                         f"got {request.end_id}")
         for words, name in ((request.stop_words, "stop_words_list"), (request.bad_words, "bad_words_list")):
             if any(not 0 <= t < vocab for w in words for t in w):
                 raise InvalidInput(name, f"has ids outside the vocabulary of {vocab}")
@@ -242,7 +244,7 @@ class Ct2Engine:
             options.update(sampling_topk=first.top_k, sampling_topp=first.top_p or 1.0,
                            sampling_temperature=first.temperature)
         if first.end_id is not None:
-            options["end_token"] = [first.end_id] if first.end_id >= 0 else []  # -1: no end token
+            options["end_token"] = [] if first.end_id == NO_END_ID else [first.end_id]
         if first.bad_words:
             options["suppress_sequences"] = [[vocab[t] for t in w] for w in first.bad_words]
 

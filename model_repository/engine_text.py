@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bayling.detokenizer import ByteRuns, Decode, byte_runs, make_decode
 from bayling.manifest import CHAT_TEMPLATE_NAME, TOKENIZER_DIR, EngineManifest, read_manifest
-from bayling.params import GenerationParams
+from bayling.params import NO_END_ID, GenerationParams
 from bayling.templates import ChatTemplate, builtin_template
 from bayling.textstream import TextStream
 from bayling.tokenization import PromptEncoder
@@ -24,9 +24,19 @@ class EngineText:
     byte_runs: ByteRuns
     defaults: GenerationParams
 
-    def text_stream(self, extra_stop_strings: list[str] = (), *, stop_tokens: bool = True) -> TextStream:
+    def stop_tokens(self, end_id: int | None) -> list[int]:
+        """Token ids that end an answer: the template's and the model's, none with NO_END_ID."""
+        return [] if end_id == NO_END_ID else list(self.manifest.stop_token_ids)
+
+    def engine_stop_words(self, end_id: int | None, stop_words: list[str]) -> list[list[int]]:
+        """TensorRT-LLM's stop words: the stop tokens other than EOS (the end id already ends it), then the
+        request's stop strings as token sequences."""
+        words = [[t] for t in self.stop_tokens(end_id) if t != self.manifest.eos_id]
+        return words + [self.tokenizer.encode(w, add_special_tokens=False) for w in stop_words]
+
+    def text_stream(self, extra_stop_strings: list[str] = (), *, end_id: int | None = None) -> TextStream:
         m = self.manifest
-        return TextStream(self.decode, byte_runs=self.byte_runs, stop_token_ids=m.stop_token_ids if stop_tokens else (),
+        return TextStream(self.decode, byte_runs=self.byte_runs, stop_token_ids=self.stop_tokens(end_id),
                           stop_strings=[*m.stop_strings, *extra_stop_strings],
                           placeholders=m.placeholders)
 

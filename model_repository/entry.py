@@ -123,9 +123,7 @@ class Entry:
             "repetition_penalty": np.array([[p.repetition_penalty]], dtype=np.float32),
             **engine_sampling(p),
         }
-        no_end = p.end_id == -1  # TensorRT-LLM's "no end id": neither EOS nor the template's stop tokens end it
-        stop_ids = [] if no_end else [[t] for t in m.stop_token_ids if t != m.eos_id]
-        stop_ids += [self.text.tokenizer.encode(w, add_special_tokens=False) for w in p.stop_words]
+        stop_ids = self.text.engine_stop_words(p.end_id, p.stop_words)
         if any(stop_ids):
             inputs["stop_words_list"] = word_list(stop_ids)[None]
         if p.bad_words:
@@ -159,7 +157,7 @@ class Entry:
         `engine_responses` yields the engine's responses; `stop_engine` asks the engine to end
         this request early (stop string, cancellation); `send(outputs, final)` answers the client.
         """
-        stream = self.text.text_stream(req.params.stop_words, stop_tokens=req.params.end_id != -1)
+        stream = self.text.text_stream(req.params.stop_words, end_id=req.params.end_id)
         pieces: list[str] = []
         engine_stopped = cancelled = False
         for outputs in engine_responses:

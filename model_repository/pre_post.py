@@ -34,8 +34,7 @@ class Preprocessor:
             raise InvalidInput("text_input", f"the prompt is {len(ids)} tokens; with max_tokens {max_tokens} it "
                                              f"does not fit the context of {m.max_context} tokens")
         end_id = scalar(inputs, "END_ID", m.eos_id)
-        stop = [] if end_id == -1 else [[t] for t in m.stop_token_ids if t != m.eos_id]  # -1: no end token at all
-        stop += [self.text.tokenizer.encode(w, add_special_tokens=False) for w in texts(inputs, "STOP_WORDS_DICT")]
+        stop = self.text.engine_stop_words(end_id, texts(inputs, "STOP_WORDS_DICT"))
         bad = [self.text.tokenizer.encode(w, add_special_tokens=False) for w in texts(inputs, "BAD_WORDS_DICT")]
         return {
             "INPUT_ID": np.array([ids], dtype=np.int32),
