@@ -115,14 +115,20 @@ class StopStringFinder:
 
 
 class TextStream:
-    """One request's output: feed engine tokens, read new text, learn why it finished."""
+    """One request's output: feed engine tokens (one or many at a time), read new text, learn why it
+    finished. The text, the finish reason and `completion_tokens` do not depend on how the ids were
+    split into calls: a stop string found inside a many-token call counts the tokens up to the one
+    that completed it, as one-token calls would."""
 
     def __init__(self, decode: Decode, *, byte_runs: ByteRuns = ByteRuns(), stop_token_ids: Iterable[int] = (),
                  stop_strings: Sequence[str] = (), placeholders: bool = False):
+        self._config = dict(decode=decode, byte_runs=byte_runs, stop_token_ids=stop_token_ids,
+                            stop_strings=stop_strings, placeholders=placeholders)
         self._detok = IncrementalDetokenizer(decode, byte_runs)
         self._placeholders = ReplaceChain(PLACEHOLDERS) if placeholders else None
         self._stops = StopStringFinder(stop_strings)
         self._stop_ids = frozenset(int(t) for t in stop_token_ids)
+        self._ids: list[int] | None = [] if self._stops._stops else None   # kept only to recount a stop string
         self.completion_tokens = 0
         self.finish_reason: str | None = None
 
@@ -141,13 +147,26 @@ class TextStream:
                 break
             ids.append(int(t))
         self.completion_tokens += len(ids)
+        if self._ids is not None:
+            self._ids += ids
         text = self._detok.add(ids)
         if self.finished:
             text += self._detok.flush()
         out = self._through_stages(text, flush=self.finished)
         if self._stops.stopped:
             self.finish_reason = FINISH_STOP
+            if len(ids) > 1:
+                self.completion_tokens = self._tokens_to_stop_string()
         return out
+
+    def _tokens_to_stop_string(self) -> int:
+        """Once per request, on a stop string: replay the ids one at a time to count exactly."""
+        replay = TextStream(**self._config)
+        for t in self._ids:
+            replay.add_tokens((t,))
+            if replay.finished:
+                break
+        return replay.completion_tokens
 
     def finish(self, reason: str) -> str:
         """The engine is done (or the request was cancelled): flush what is held back.

@@ -13,6 +13,10 @@ request carrying on from its prompt plus what it has generated so far (nothing i
 restart costs one prefill of those tokens, so it is skipped above `join_budget` tokens).
 Requests with other sampling settings wait for the next batch.
 
+Responses leave from a `Relay` thread, never from the generation thread: each token is appended
+to its request's list and the relay sends what has piled up (one token at low load, several when
+sending is the bottleneck), and polls cancellation on a timer, so generation never waits for IPC.
+
 Sampling with a fixed `random_seed` runs alone, on a freshly created generator:
 CTranslate2's sampler uses a random generator per worker thread, seeded once from the
 process-wide seed when the thread first samples, so `set_random_seed` only reaches a new
@@ -32,6 +36,7 @@ from typing import Callable
 
 from bayling.errors import InvalidInput
 from bayling.params import NO_END_ID
+from bayling.model_repository.relay import Outbox, Relay
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +82,30 @@ class Emission:
 Sink = Callable[[Emission], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Active:
     request: EngineRequest
     sink: Sink
-    is_cancelled: Callable[[], bool]
+    box: Outbox = None       # what the relay sends: generated[box.sent:box.length]
     generated: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
-    unsent: int = 0          # tokens generated but not yet sent (non-streaming sends at the end)
+    error: Exception | None = None
     done: bool = False
     stop_requested: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop_requested or self.box.cancelled
 
 
 class Ct2Engine:
     """`compute_type="default"` runs an engine in the type it was built with (INT8 for `bayling build`'s
     default, float32 for a `--quantization float32` reference build)."""
 
-    CANCEL_CHECK_EVERY = 4  # tokens; asking Triton whether a request was cancelled costs an IPC round trip
-
     def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, inter_threads: int = 1,
-                 compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096):
+                 compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096,
+                 cancel_poll_s: float = 0.05):
         import json
         from pathlib import Path
 
@@ -120,6 +128,7 @@ class Ct2Engine:
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent CTranslate2 batch sizes (tests, metrics)
         self.generated_tokens = 0
         self._running = True
+        self.relay = Relay(poll_s=cancel_poll_s, name="ct2-relay")
         self._thread = threading.Thread(target=self._loop, name="ct2-scheduler", daemon=True)
         self._thread.start()
 
@@ -142,7 +151,9 @@ class Ct2Engine:
 
     def submit(self, request: EngineRequest, sink: Sink, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         self.validate(request)
-        active = _Active(request, sink, is_cancelled)
+        active = _Active(request, sink)
+        active.box = Outbox(lambda start, end, final: self._deliver(active, start, end, final), is_cancelled)
+        self.relay.watch(active.box)
         with self._cond:
             if request.request_id:
                 self._by_id[request.request_id] = active
@@ -162,6 +173,7 @@ class Ct2Engine:
             self._running = False
             self._cond.notify()
         self._thread.join(timeout=30)
+        self.relay.stop()
 
     # --- the scheduler thread
     def _loop(self) -> None:
@@ -188,7 +200,7 @@ class Ct2Engine:
 
     def _take_batch(self) -> list[_Active]:
         with self._cond:
-            live = [a for a in self._pending if not (a.stop_requested or a.is_cancelled())]
+            live = [a for a in self._pending if not a.cancelled]
             for a in self._pending:
                 if a not in live:
                     self._finish(a)
@@ -265,17 +277,14 @@ class Ct2Engine:
                 return True
             active.generated.append(step.token_id)
             self.generated_tokens += 1
-            active.log_probs.append(float(step.log_prob or 0.0))
-            active.unsent += 1
+            active.log_probs.append(step.log_prob or 0.0)
             n = len(active.generated)
-            ended = (n >= request.max_new_tokens or step.is_last or self._hit_stop_word(active)
-                     or active.stop_requested
-                     or (n % self.CANCEL_CHECK_EVERY == 0 and active.is_cancelled()))
-            if ended:
+            if n >= request.max_new_tokens or step.is_last or active.cancelled or self._hit_stop_word(active):
                 self._finish(active)
                 return True
             if request.streaming:
-                self._send(active, final=False)
+                active.box.length = n
+                self.relay.wake(active.box)
             return False
 
         generator.generate_batch([[vocab[t] for t in a.request.input_ids + a.generated] for a in batch],
@@ -292,22 +301,23 @@ class Ct2Engine:
         generated = active.generated
         return any(len(w) <= len(generated) and generated[-len(w):] == w for w in active.request.stop_words)
 
-    def _send(self, active: _Active, final: bool, error: Exception | None = None) -> None:
-        n = active.unsent
-        tokens = active.generated[len(active.generated) - n:] if n else []
-        probs = active.log_probs[len(active.log_probs) - n:] if n else []
-        active.unsent = 0
+    def _deliver(self, active: _Active, start: int, end: int, final: bool) -> None:
+        """In the relay thread: one response with the tokens [start, end)."""
         try:
-            active.sink(Emission(tokens, probs, final, error))
-        except Exception:  # typically the client went away; nothing more can reach it
-            log.warning("could not send a response for request %r", active.request.request_id, exc_info=True)
+            active.sink(Emission(active.generated[start:end], active.log_probs[start:end], final,
+                                 active.error if final else None))
+        except Exception:  # typically the client went away: stop generating for it (the relay closes it)
             active.done = True
+            raise
 
     def _finish(self, active: _Active, error: Exception | None = None) -> None:
         if active.done:
             return
-        self._send(active, final=True, error=error)
+        active.error = error
         active.done = True
+        active.box.length = len(active.generated)
+        active.box.final = True
+        self.relay.wake(active.box)
         with self._cond:
             if self._by_id.get(active.request.request_id) is active:
                 del self._by_id[active.request.request_id]

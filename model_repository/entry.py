@@ -20,6 +20,7 @@ from bayling.templates import parse_messages_json
 from bayling.textstream import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from bayling.tokenization import word_list
 from bayling.model_repository.engine_text import EngineText
+from bayling.model_repository.relay import Outbox, Relay
 from bayling.model_repository.triton_io import bytes_array, scalar, text, texts
 
 # public tensor name -> GenerationParams field
@@ -118,7 +119,7 @@ class Entry:
             "request_output_len": np.array([[p.max_tokens]], dtype=np.int32),
             "end_id": np.array([[m.eos_id if p.end_id is None else p.end_id]], dtype=np.int32),
             "pad_id": np.array([[m.pad_id if p.pad_id is None else p.pad_id]], dtype=np.int32),
-            "streaming": np.array([[True]]),  # always: stop strings end generation early
+            "streaming": np.array([[self.engine_streams(req)]]),
             "exclude_input_in_output": np.array([[True]]),
             "repetition_penalty": np.array([[p.repetition_penalty]], dtype=np.float32),
             **engine_sampling(p),
@@ -137,6 +138,11 @@ class Entry:
             inputs["random_seed"] = np.array([[p.random_seed]], dtype=np.uint64)
         return inputs
 
+    def engine_streams(self, req: EntryRequest) -> bool:
+        """Streamed answers, and answers with stop strings (found in the text, so that they end generation
+        at once), stream from the engine; any other answer comes from it in one response."""
+        return req.stream or bool(req.params.stop_words or self.text.manifest.stop_strings)
+
     def outputs(self, piece: str, req: EntryRequest, completion_tokens: int, finish_reason: str = "",
                 final: bool = False) -> dict[str, np.ndarray]:
         out = {
@@ -150,34 +156,80 @@ class Entry:
         return out
 
     def generate(self, req: EntryRequest, engine_responses: Iterable[dict[str, np.ndarray]],
-                 stop_engine: Callable[[], None], is_cancelled: Callable[[], bool],
-                 send: Callable[[dict[str, np.ndarray] | None, bool], None]) -> str:
+                 stop_engine: Callable[[], None], answer: "Answer") -> str:
         """Drive one request to its end; returns the finish reason.
 
-        `engine_responses` yields the engine's responses; `stop_engine` asks the engine to end
-        this request early (stop string, cancellation); `send(outputs, final)` answers the client.
+        `engine_responses` yields the engine's responses (one or many tokens each); `stop_engine` asks
+        the engine to end this request early (stop string, cancellation); `answer` takes the text.
         """
         stream = self.text.text_stream(req.params.stop_words, end_id=req.params.end_id)
-        pieces: list[str] = []
-        engine_stopped = cancelled = False
+        engine_stopped = False
         for outputs in engine_responses:
             piece = stream.add_tokens(output_token_ids(outputs))
-            if piece and req.stream:
-                send(self.outputs(piece, req, stream.completion_tokens), False)
-            elif piece:
-                pieces.append(piece)
-            if not cancelled and is_cancelled():
-                cancelled = True
-            if (stream.finished or cancelled) and not engine_stopped:
+            if piece:
+                answer.add(piece, stream.completion_tokens)
+            if (stream.finished or answer.cancelled) and not engine_stopped:
                 stop_engine()
                 engine_stopped = True
-        if cancelled and not stream.finished:
+        if answer.cancelled and not stream.finished:
             stream.finish(FINISH_CANCELLED)
-            send(None, True)  # nobody listens any more; only close the request
+            answer.finish("", stream.completion_tokens, FINISH_CANCELLED)
             return FINISH_CANCELLED
         reason = stream.finish_reason or (FINISH_LENGTH if stream.completion_tokens >= req.params.max_tokens else FINISH_STOP)
-        tail = stream.finish(reason)
-        text_out = tail if req.stream else "".join(pieces) + tail
-        send(self.outputs(text_out, req, stream.completion_tokens, reason, final=True), True)
+        answer.finish(stream.finish(reason), stream.completion_tokens, reason)
         return reason
 
+
+Send = Callable[[dict[str, np.ndarray] | Exception | None, bool], None]   # (outputs, an error or None; final)
+
+
+class Answer:
+    """One request's text on its way to the client through a `Relay`: streamed pieces that pile up
+    while the relay is busy leave as one response (joined, they are the same text); a non-streamed
+    answer leaves once, at the end. A cancelled request only gets its stream closed."""
+
+    def __init__(self, entry: Entry, req: EntryRequest, relay: Relay, send: Send,
+                 is_cancelled: Callable[[], bool] = lambda: False, on_cancel: Callable[[], None] | None = None):
+        self._entry, self._req, self._relay, self._send = entry, req, relay, send
+        self._pieces: list[str] = []
+        self._counts: list[int] = []      # completion tokens after each piece
+        self._reason = ""
+        self._error: Exception | None = None
+        self.box = Outbox(self._deliver, is_cancelled, on_cancel)
+        relay.watch(self.box)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.box.cancelled
+
+    def add(self, piece: str, completion_tokens: int) -> None:
+        self._pieces.append(piece)
+        self._counts.append(completion_tokens)
+        if self._req.stream:
+            self.box.length = len(self._pieces)
+            self._relay.wake(self.box)
+
+    def finish(self, tail: str, completion_tokens: int, reason: str) -> None:
+        self._pieces.append(tail)
+        self._counts.append(completion_tokens)
+        self._reason = reason
+        self.box.length = len(self._pieces)
+        self.box.final = True
+        self._relay.wake(self.box)
+
+    def fail(self, error: Exception) -> None:
+        """End with an error response, after whatever was already streamed."""
+        self._error = error
+        self.box.final = True
+        self._relay.wake(self.box)
+
+    def _deliver(self, start: int, end: int, final: bool) -> None:
+        if final and self._error is not None:
+            self._send(self._error, True)
+            return
+        if final and self._reason == FINISH_CANCELLED:
+            self._send(None, True)    # nobody listens any more; only close the request
+            return
+        text = "".join(self._pieces[start:end])
+        tokens = self._counts[end - 1] if end else 0
+        self._send(self._entry.outputs(text, self._req, tokens, self._reason if final else "", final), final)

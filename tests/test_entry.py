@@ -2,6 +2,8 @@
 runs in tests/test_e2e_serving.py)."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import pytest
 from bayling.contract import request_arrays
 from bayling.errors import InvalidInput
 from bayling.model_repository.engine_text import load_engine_text
-from bayling.model_repository.entry import Entry
+from bayling.model_repository.entry import Answer, Entry
+from bayling.model_repository.relay import Relay
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +24,33 @@ def inputs(**values):
     return request_arrays("bayling", values)
 
 
-def engine_responses(ids):
-    for t in ids:
-        yield {"output_ids": np.array([[[t]]], np.int32), "sequence_length": np.array([[1]], np.int32)}
+@pytest.fixture(scope="module")
+def relay():
+    r = Relay(poll_s=0.005)
+    yield r
+    r.stop()
 
 
-def drive(entry, request, ids, cancelled_after=None):
-    sent, stops, seen = [], [], []
+def drive(entry, request, ids, relay, cancel_after=None, token_s=0.0):
+    """Run one request through the real Answer and Relay; `cancel_after` pieces, the client leaves."""
+    sent, stops, done = [], [], threading.Event()
 
-    def is_cancelled():
-        seen.append(1)
-        return cancelled_after is not None and len(seen) > cancelled_after
+    def send(outputs, final):
+        sent.append((outputs, final))
+        if final:
+            done.set()
 
-    reason = entry.generate(request, engine_responses(ids), lambda: stops.append(1), is_cancelled,
-                            lambda outputs, final: sent.append((outputs, final)))
+    def responses():  # as an engine: it ends (with what it made) once told to stop
+        for t in ids:
+            if stops:
+                return
+            time.sleep(token_s)
+            yield {"output_ids": np.array([[[t]]], np.int32), "sequence_length": np.array([[1]], np.int32)}
+
+    answer = Answer(entry, request, relay, send, lambda: cancel_after is not None and len(sent) >= cancel_after,
+                    on_cancel=lambda: stops.append("relay"))
+    reason = entry.generate(request, responses(), lambda: stops.append(1), answer)
+    assert done.wait(10)
     return reason, sent, stops
 
 
@@ -42,30 +58,30 @@ def text_of(sent):
     return "".join(o["text_output"][0, 0].decode() for o, _ in sent if o is not None)
 
 
-def test_placeholders_and_stop_strings_in_one_pass(entry, llama_tokenizer):
+def test_placeholders_and_stop_strings_in_one_pass(entry, llama_tokenizer, relay):
     ids = llama_tokenizer.encode("I am [NAME]. ### Instruction: more", add_special_tokens=False)
     request = entry.parse(inputs(messages=json.dumps([{"role": "user", "content": "hi"}]), stream=True,
                                  stop_words=["###"], max_tokens=50))
-    reason, sent, stops = drive(entry, request, ids)
+    reason, sent, stops = drive(entry, request, ids, relay)
     assert text_of(sent) == "I am BayLing. "
     assert reason == "stop" and stops == [1]  # the engine is told to stop
     final = sent[-1][0]
     assert sent[-1][1] and final["finish_reason"][0, 0] == b"stop"
 
 
-def test_not_streaming_answers_once(entry, llama_tokenizer):
+def test_not_streaming_answers_once(entry, llama_tokenizer, relay):
     ids = llama_tokenizer.encode("你好，世界", add_special_tokens=False)
     request = entry.parse(inputs(text_input="x", max_tokens=len(ids)))
-    reason, sent, _ = drive(entry, request, ids)
+    reason, sent, _ = drive(entry, request, ids, relay)
     assert len(sent) == 1 and sent[0][1] and text_of(sent) == "你好，世界" and reason == "length"
 
 
-def test_cancelled_request_stops_the_engine_and_just_closes(entry, llama_tokenizer):
-    ids = llama_tokenizer.encode("one two three four five", add_special_tokens=False)
+def test_cancelled_request_stops_the_engine_and_just_closes(entry, llama_tokenizer, relay):
+    ids = llama_tokenizer.encode("one two three four five six seven eight nine ten", add_special_tokens=False)
     request = entry.parse(inputs(text_input="x", stream=True, max_tokens=50))
-    reason, sent, stops = drive(entry, request, ids, cancelled_after=2)
-    assert reason == "cancelled" and stops == [1]
-    assert sent[-1] == (None, True)
+    reason, sent, stops = drive(entry, request, ids, relay, cancel_after=2, token_s=0.02)
+    assert reason == "cancelled" and 1 in stops   # the request thread stops the engine (so may the relay)
+    assert sent[-1] == (None, True) and len(sent) < len(ids)
 
 
 def test_request_errors_name_the_field(entry):
@@ -104,15 +120,15 @@ def test_end_and_pad_ids_are_the_model_s_unless_given(entry):
             entry.parse(inputs(text_input="a", **{name: m.vocab_size}))
 
 
-def test_end_id_minus_one_runs_past_the_end_token_to_max_tokens(entry, llama_tokenizer):
+def test_end_id_minus_one_runs_past_the_end_token_to_max_tokens(entry, llama_tokenizer, relay):
     eos = entry.text.manifest.eos_id
     ids = llama_tokenizer.encode("one two", add_special_tokens=False)
     ids = ids + [eos] + ids
     normal = entry.parse(inputs(text_input="x", max_tokens=len(ids)))
-    reason, sent, _ = drive(entry, normal, ids)
+    reason, sent, _ = drive(entry, normal, ids, relay)
     assert reason == "stop" and text_of(sent) == "one two"
     no_end = entry.parse(inputs(text_input="x", max_tokens=len(ids), end_id=-1))
     assert no_end.params.end_id == -1 and entry.engine_inputs(no_end)["end_id"][0, 0] == -1
     assert "stop_words_list" not in entry.engine_inputs(no_end)  # nor the template's stop tokens
-    reason, sent, _ = drive(entry, no_end, ids)
+    reason, sent, _ = drive(entry, no_end, ids, relay)
     assert reason == "length" and text_of(sent).startswith("one two") and len(text_of(sent)) > len("one two")

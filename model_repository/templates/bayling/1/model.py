@@ -1,7 +1,8 @@
 """Triton adapter of the `bayling` entry model; the logic is `bayling.model_repository.entry`.
 
 Each request runs in a worker thread: it calls the engine model `tensorrt_llm` through
-business-logic scripting (decoupled, streamed), and answers through its response sender.
+business-logic scripting (decoupled) and hands the text to the instance's relay thread, which
+sends the responses (merged when it is behind) and polls cancellation.
 """
 
 import logging
@@ -16,7 +17,8 @@ from bayling.contract import ENGINE_MODEL, ENTRY_INPUTS
 from bayling.errors import BaylingError, InvalidInput
 from bayling.model_repository import triton_io as io
 from bayling.model_repository.engine_text import load_engine_text
-from bayling.model_repository.entry import Entry
+from bayling.model_repository.entry import Answer, Entry
+from bayling.model_repository.relay import Relay
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("bayling")
@@ -27,6 +29,7 @@ class TritonPythonModel:
         params = io.model_parameters(args)
         self.entry = Entry(load_engine_text(params["engine_dir"]))
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_concurrency"]), thread_name_prefix="bayling")
+        self.relay = Relay(name="bayling-relay")
         # A metric lives only as long as its family: keep the family referenced.
         self.requests_family = pb_utils.MetricFamily(name="bayling_requests_total", kind=pb_utils.MetricFamily.COUNTER,
                                                      description="Requests answered by the bayling model, by finish reason")
@@ -44,6 +47,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.relay.stop()
 
     def _serve(self, request):
         self._count(self.in_flight, 1)
@@ -59,23 +63,28 @@ class TritonPythonModel:
     def _answer(self, request):
         sender = request.get_response_sender()
 
-        def send(outputs, final):
-            try:
+        def send(outputs, final):  # called by the relay thread
+            if isinstance(outputs, Exception):
+                sender.send(io.error_response(outputs), flags=FINAL)
+            else:
                 sender.send(io.response(outputs) if outputs is not None else None, flags=FINAL if final else 0)
-            except Exception:  # the client is gone
-                log.debug("response not delivered", exc_info=True)
 
+        answer = None
         try:
             req = self.entry.parse(io.read_inputs(request, ENTRY_INPUTS))
             request_id = uuid.uuid4().hex
-            reason = self.entry.generate(req, self._engine(req, request_id), lambda: self._stop(request_id),
-                                         sender.is_cancelled, send)
+            stop_engine = _once(lambda: self._stop(request_id))
+            answer = Answer(self.entry, req, self.relay, send, sender.is_cancelled, on_cancel=stop_engine)
+            reason = self.entry.generate(req, self._engine(req, request_id), stop_engine, answer)
             self._count(self.finished[reason], 1)
         except Exception as exc:
             if not isinstance(exc, BaylingError):
                 log.exception("bayling request failed")
+            if answer is not None:
+                answer.fail(exc)
+                return
             try:
-                sender.send(io.error_response(exc), flags=FINAL)
+                send(exc, True)
             except Exception:
                 log.debug("error response not delivered", exc_info=True)
 
@@ -101,3 +110,16 @@ class TritonPythonModel:
                                          requested_output_names=["output_ids"])
         for _ in call.exec(decoupled=True):
             pass
+
+
+def _once(fn):
+    """`fn` runs on the first call only (the request thread and the relay may both stop the engine)."""
+    lock, done = threading.Lock(), []
+
+    def call():
+        with lock:
+            if done:
+                return
+            done.append(True)
+        fn()
+    return call

@@ -1,0 +1,427 @@
+"""Relay capacity of every serving path: tokens/s carried and server CPU per streamed token.
+
+A nearly free engine stands in for a GPU: a tiny random 2-layer LLaMA (the tests' model builder,
+context 2048) built once to a CTranslate2 INT8 engine under the benchmark cache. With it, what
+limits the figures is the serving stack, not generation. Every request generates exactly
+--tokens tokens (end_id -1, TensorRT-LLM's "no end token"; the gateway's ignore_eos), greedy.
+
+Paths, all against one real tritonserver (and one gateway process) in one run:
+  bayling-stream   gRPC stream to `bayling`, stream=true (one response per piece of text)
+  bayling-whole    gRPC stream to `bayling`, stream=false (one response per request)
+  ensemble-stream  gRPC stream to `ensemble` (preprocessing -> tensorrt_llm -> postprocessing)
+  engine-stream    gRPC stream to `tensorrt_llm` directly (token ids)
+  openai-stream    HTTP SSE to the OpenAI gateway (`bayling openai`, its own process) -> bayling
+
+Per level (streams requests in flight, closed loop: a stream starts its next request when one
+ends): tokens/s relayed, server CPU µs per token (tritonserver and its stubs, summed over the
+process tree from /proc), the gateway's own CPU µs per token, and responses per request (how
+many messages carried the tokens). The client is a lean gRPC/HTTP asyncio client in this process.
+
+    .venv/bin/python benchmarks/bench_relay.py                          # tiny engine, 1/16/64 x 256
+    .venv/bin/python benchmarks/bench_relay.py --engine default --tokens 64 --streams 1,16
+    .venv/bin/python benchmarks/bench_relay.py --serve-arg=--entry-instances=1   # compare a setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+PATHS = ("bayling-stream", "bayling-whole", "ensemble-stream", "engine-stream", "openai-stream")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- the engines ------------------------------------------------------------------------------------
+
+def tiny_engine(cache: Path) -> Path:
+    """The tiny random LLaMA as a CTranslate2 INT8 engine, built once (a few seconds)."""
+    engine = cache / "bench" / "tiny-llama-2048-int8"
+    if (engine / "manifest.json").is_file():
+        return engine
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from tests.models import save_random_llama, train_llama_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_llama_tokenizer(Path(tmp) / "tokenizer")
+        model = save_random_llama(Path(tmp) / "tiny-llama", tokenizer, context=2048)
+        subprocess.run([sys.executable, "-m", "bayling.cli", "build", "--model", str(model), "--output", str(engine),
+                        "--template", "bayling", "--name", "tiny-llama"], check=True)
+    return engine
+
+
+def engine_dir(name: str) -> Path:
+    from bayling.paths import cache_dir, default_engine_dir
+
+    if name == "tiny":
+        return tiny_engine(cache_dir())
+    if name == "default":
+        engine = default_engine_dir()
+        if not (engine / "manifest.json").is_file():
+            import subprocess
+
+            subprocess.run([sys.executable, "-m", "bayling.cli", "build", "--default"], check=True)
+        return engine
+    return Path(name)
+
+
+# --- CPU time of a process tree, from /proc ---------------------------------------------------------
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user+system seconds) of one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by `root` and all its descendants (tritonserver and its stubs)."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (s := _stat(int(entry))) is not None:
+            stats[int(entry)] = s
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            todo += children.get(pid, [])
+    return total
+
+
+# --- one request per path, over a lean asyncio client ----------------------------------------------
+
+def _raw(array: np.ndarray) -> bytes:
+    if array.dtype == np.object_:
+        from tritonclient.utils import serialize_byte_tensor
+
+        return serialize_byte_tensor(array).item()
+    return array.tobytes()
+
+
+def infer_request(model: str, arrays: dict[str, np.ndarray], request_id: str):
+    from tritonclient.grpc import service_pb2
+
+    from bayling import contract
+
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    for name, array in arrays.items():
+        request.inputs.add(name=name, datatype=contract.tensor(model, name).wire_dtype, shape=array.shape)
+        request.raw_input_contents.append(_raw(array))
+    return request
+
+
+def output_array(response, name: str, dtype) -> np.ndarray | None:
+    for i, output in enumerate(response.outputs):
+        if output.name == name:
+            return np.frombuffer(response.raw_output_contents[i], dtype=dtype)
+    return None
+
+
+@dataclass
+class Done:
+    tokens: int
+    responses: int   # messages that carried the answer (final included)
+
+
+async def grpc_request(stub, model: str, arrays: dict[str, np.ndarray], request_id: str, count) -> Done:
+    """One streamed request; `count(response) -> tokens` reads each response."""
+    call = stub.ModelStreamInfer()
+    await call.write(infer_request(model, arrays, request_id))
+    await call.done_writing()
+    tokens = responses = 0
+    async for message in call:
+        if message.error_message:
+            raise RuntimeError(f"{model}: {message.error_message}")
+        response = message.infer_response
+        responses += 1
+        tokens += count(response)
+        if response.parameters["triton_final_response"].bool_param:
+            return Done(tokens, responses)
+    raise RuntimeError(f"{model}: the stream ended without a final response")
+
+
+def bayling_tokens(response) -> int:
+    final = response.parameters["triton_final_response"].bool_param
+    counts = output_array(response, "completion_tokens", np.int32) if final else None
+    return int(counts[0]) if counts is not None and counts.size else 0
+
+
+def engine_tokens(response) -> int:
+    lengths = output_array(response, "sequence_length", np.int32)
+    return int(lengths[0]) if lengths is not None and lengths.size else 0
+
+
+class Paths:
+    """The request of each path; `tokens` per request, fixed length."""
+
+    def __init__(self, grpc_url: str, gateway: str | None, prompt_ids: list[int], tokens: int):
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        from bayling import contract
+
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = grpc.aio.insecure_channel(grpc_url, options=options)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.tokens = tokens
+        messages = json.dumps([{"role": "user", "content": PROMPT}])
+        common = {"max_tokens": tokens, "end_id": -1, "temperature": 0.0}
+        self.arrays = {
+            "bayling-stream": contract.request_arrays("bayling", {"messages": messages, **common, "stream": True}),
+            "bayling-whole": contract.request_arrays("bayling", {"messages": messages, **common, "stream": False}),
+            "ensemble-stream": contract.request_arrays("ensemble", {"text_input": PROMPT, "max_tokens": tokens,
+                                                                    "end_id": -1, "top_k": 1, "stream": True}),
+            "engine-stream": contract.request_arrays("tensorrt_llm", {
+                "input_ids": prompt_ids, "input_lengths": len(prompt_ids), "request_output_len": tokens,
+                "end_id": -1, "runtime_top_k": 1, "streaming": True}),
+        }
+        self.gateway = gateway
+        self.http = None
+        self.serial = 0
+
+    async def request(self, path: str) -> Done:
+        self.serial += 1
+        rid = f"{path}-{self.serial}"
+        if path.startswith("bayling"):
+            return await grpc_request(self.stub, "bayling", self.arrays[path], rid, bayling_tokens)
+        if path == "ensemble-stream":
+            done = await grpc_request(self.stub, "ensemble", self.arrays[path], rid, lambda r: 0)
+            return Done(self.tokens, done.responses)      # fixed length: end_id -1
+        if path == "engine-stream":
+            return await grpc_request(self.stub, "tensorrt_llm", self.arrays[path], rid, engine_tokens)
+        return await self.openai_request()
+
+    async def openai_request(self) -> Done:
+        import httpx
+
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256,
+                                                                           max_keepalive_connections=256))
+        body = {"model": "bayling", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": self.tokens,
+                "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        tokens = responses = 0
+        async with self.http.stream("POST", f"{self.gateway}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"gateway: {response.status_code} {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                responses += 1
+                if '"usage": {' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        return Done(tokens, responses)
+
+    async def close(self):
+        await self.channel.close()
+        if self.http is not None:
+            await self.http.aclose()
+
+
+# --- a level: N streams, closed loop ----------------------------------------------------------------
+
+@dataclass
+class Row:
+    path: str
+    streams: int
+    requests: int
+    tokens: int
+    seconds: float
+    server_cpu_s: float
+    gateway_cpu_s: float
+    responses: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def server_us_per_token(self) -> float:
+        return 1e6 * self.server_cpu_s / self.tokens
+
+    @property
+    def gateway_us_per_token(self) -> float:
+        return 1e6 * self.gateway_cpu_s / self.tokens
+
+    def cells(self) -> list[str]:
+        gateway = f"{self.gateway_us_per_token:.0f}" if self.path == "openai-stream" else "-"
+        return [self.path, str(self.streams), str(self.requests), str(self.tokens), f"{self.seconds:.2f}",
+                f"{self.tokens_per_s:,.0f}", f"{self.server_us_per_token:.0f}", gateway,
+                f"{self.responses / self.requests:.1f}"]
+
+
+COLUMNS = ("path", "streams", "requests", "tokens", "seconds", "tokens/s", "server CPU µs/token",
+           "gateway CPU µs/token", "responses/request")
+
+
+async def run_level(paths: Paths, path: str, streams: int, requests: int, server_pid: int,
+                    gateway_pid: int | None) -> Row:
+    queue = iter(range(requests))
+    done: list[Done] = []
+
+    async def stream():
+        for _ in queue:
+            done.append(await paths.request(path))
+
+    cpu0 = tree_cpu_seconds(server_pid)
+    gw0 = tree_cpu_seconds(gateway_pid) if gateway_pid else 0.0
+    start = time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(streams)))
+    seconds = time.perf_counter() - start
+    server = tree_cpu_seconds(server_pid) - cpu0
+    gateway = (tree_cpu_seconds(gateway_pid) - gw0) if gateway_pid else 0.0
+    tokens = sum(d.tokens for d in done)
+    expected = requests * paths.tokens
+    if tokens != expected:
+        raise RuntimeError(f"{path} at {streams} streams relayed {tokens} tokens, expected {expected}")
+    return Row(path, streams, requests, tokens, seconds, server, gateway, sum(d.responses for d in done))
+
+
+async def measure(paths: Paths, names: list[str], levels: list[int], per_stream: int, minimum: int,
+                  server_pid: int, gateway_pid: int | None, report) -> list[Row]:
+    rows = []
+    for name in names:
+        await paths.request(name)                                   # warm-up
+        for streams in levels:
+            row = await run_level(paths, name, streams, max(minimum, per_stream * streams), server_pid, gateway_pid)
+            rows.append(row)
+            report(row)
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row.cells()) + " |" for row in rows])
+
+
+def in_process_tokens_per_s(engine: Path, prompt_ids: list[int], tokens: int, batch: int) -> float:
+    """CTranslate2 alone, same thread setting as the served engine model: the engine's own ceiling."""
+    import ctranslate2
+
+    from bayling.manifest import read_manifest
+    from bayling.model_repository.render import cpu_threads_for
+
+    generator = ctranslate2.Generator(str(engine / "ctranslate2"), device="cpu", compute_type="default",
+                                      intra_threads=cpu_threads_for(read_manifest(engine), None))
+    vocab = json.loads((engine / "ctranslate2" / "vocabulary.json").read_text(encoding="utf-8"))
+    start_tokens = [[vocab[t] for t in prompt_ids]] * batch
+    options = dict(max_length=tokens, sampling_topk=1, include_prompt_in_result=False, end_token=[])
+    generator.generate_batch(start_tokens[:1], **{**options, "max_length": 4})
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        generator.generate_batch(start_tokens, **options)
+        runs.append(time.perf_counter() - start)
+    del generator
+    return batch * tokens / statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", default="tiny", help="tiny (default), default (the embedded model) or ENGINE_DIR")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens generated per request (default 256)")
+    parser.add_argument("--streams", default="1,16,64", help="concurrency levels (default 1,16,64)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"which paths (default: all of {', '.join(PATHS)})")
+    parser.add_argument("--per-stream", type=int, default=4, help="requests per stream at each level (default 4)")
+    parser.add_argument("--min-requests", type=int, default=16, help="requests per level at least (default 16)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="a `bayling serve` option for the server, repeatable (e.g. --serve-arg=--entry-instances=2)")
+    parser.add_argument("--json", dest="json_path", help="also write the rows here")
+    args = parser.parse_args()
+    names = [p for p in args.paths.split(",") if p]
+    unknown = set(names) - set(PATHS)
+    if unknown:
+        raise SystemExit(f"bench_relay: unknown path(s): {', '.join(sorted(unknown))}")
+    levels = [int(s) for s in args.streams.split(",")]
+
+    from bayling.client.bench import start_gateway
+    from bayling.model_repository.engine_text import load_engine_text
+
+    engine = engine_dir(args.engine)
+    text = load_engine_text(engine)
+    prompt_ids = text.encoder.encode_messages([{"role": "user", "content": PROMPT}]).ids
+    print(f"engine {engine} ({text.manifest.model_name}), {args.tokens} tokens per request, "
+          f"{os.cpu_count()} cores", flush=True)
+    ceiling = {b: in_process_tokens_per_s(engine, prompt_ids, args.tokens, b) for b in sorted({1, *levels} - {64})}
+    print("CTranslate2 in-process (the engine alone): "
+          + ", ".join(f"batch {b}: {v:,.0f} tokens/s" for b, v in ceiling.items()), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server, options = start_server(engine, Path(tmp), args.serve_arg)
+        gateway = None
+        try:
+            base = None
+            if "openai-stream" in names:
+                gateway, base = start_gateway(server.grpc_url)
+
+            def report(row: Row) -> None:
+                print("  ".join(f"{c}: {v}" for c, v in zip(COLUMNS, row.cells())), flush=True)
+
+            async def go():
+                paths = Paths(server.grpc_url, base, prompt_ids, args.tokens)
+                try:
+                    return await measure(paths, names, levels, args.per_stream, args.min_requests, server.process.pid,
+                                         gateway.pid if gateway else None, report)
+                finally:
+                    await paths.close()
+
+            rows = asyncio.run(go())
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(30)
+            server.stop()
+    print(f"\nserver: {options}")
+    print(markdown(rows))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({
+            "engine": str(engine), "tokens": args.tokens, "cores": os.cpu_count(), "server": asdict(options),
+            "in_process_tokens_per_s": ceiling,
+            "rows": [{**row.__dict__, "tokens_per_s": row.tokens_per_s, "server_us_per_token": row.server_us_per_token,
+                      "gateway_us_per_token": row.gateway_us_per_token} for row in rows]}, indent=2))
+
+
+def start_server(engine: Path, tmp: Path, serve_args: list[str]):
+    """A real tritonserver on the engine, configured as `bayling serve` with these options would be."""
+    from bayling.model_repository.render import render_repository
+    from bayling.model_repository.server import TritonServer, free_port, pytriton_launcher
+    from bayling.paths import cache_dir
+
+    options = render_options(serve_args)
+    repo = render_repository(engine, tmp / "repo", options)
+    server = TritonServer(repo, pytriton_launcher(cache_dir()), free_port(), free_port(), free_port(),
+                          address="127.0.0.1", log_file=tmp / "tritonserver.log")
+    return server.start(timeout=300), options
+
+
+def render_options(serve_args: list[str]):
+    from bayling.model_repository.render import add_render_options, options_from
+
+    parser = argparse.ArgumentParser(prog="bench_relay --serve-arg")
+    add_render_options(parser)
+    return options_from(parser.parse_args(serve_args))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
