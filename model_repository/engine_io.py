@@ -69,13 +69,16 @@ def engine_request(inputs: dict[str, np.ndarray], request_id: str, exclude_input
     return request, include_input
 
 
-def engine_outputs(emission: Emission, prefix_ids: list[int] = ()) -> dict[str, np.ndarray]:
-    """output_ids [1, beam=1, n], sequence_length [1, 1], and the log probs, as TensorRT-LLM shapes them."""
+def engine_outputs(emission: Emission, prefix_ids: list[int] = (), requested: frozenset[str] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """output_ids [1, beam=1, n], sequence_length [1, 1], and the log probs, as TensorRT-LLM shapes them;
+    only the `requested` ones (None: all)."""
     ids = [*prefix_ids, *emission.token_ids]
-    probs = [0.0] * len(prefix_ids) + list(emission.log_probs)
-    return {
-        "output_ids": np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids)),
-        "sequence_length": np.array([[len(ids)]], dtype=np.int32),
-        "cum_log_probs": np.array([[sum(emission.log_probs)]], dtype=np.float32),
-        "output_log_probs": np.array([[probs]], dtype=np.float32).reshape(1, 1, len(probs)),
-    }
+    outputs = {"output_ids": np.array(ids, dtype=np.int32).reshape(1, 1, len(ids)),
+               "sequence_length": np.array([[len(ids)]], dtype=np.int32)}
+    if requested is None or "cum_log_probs" in requested:
+        outputs["cum_log_probs"] = np.array([[sum(emission.log_probs)]], dtype=np.float32)
+    if requested is None or "output_log_probs" in requested:
+        probs = [0.0] * len(prefix_ids) + list(emission.log_probs)
+        outputs["output_log_probs"] = np.array(probs, dtype=np.float32).reshape(1, 1, len(probs))
+    return {k: v for k, v in outputs.items() if requested is None or k in requested}

@@ -49,6 +49,7 @@ class Relay:
         self.responses = 0          # deliveries so far (tests, metrics)
         self._ready: queue.SimpleQueue[Outbox | None] = queue.SimpleQueue()
         self._open: set[Outbox] = set()
+        self._kept: list[tuple[float, object]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -64,6 +65,11 @@ class Relay:
         if not box.queued:
             box.queued = True
             self._ready.put(box)
+
+    def keep(self, obj: object, seconds: float) -> None:
+        """Hold a reference to `obj` for a while; the relay thread drops it later."""
+        with self._lock:
+            self._kept.append((time.monotonic() + seconds, obj))
 
     def stop(self, timeout: float = 10) -> None:
         self._ready.put(None)
@@ -81,6 +87,7 @@ class Relay:
                 pass
             if time.monotonic() >= next_poll:
                 self._poll_cancelled()
+                self._drop_kept()
                 next_poll = time.monotonic() + self.poll_s
 
     def _flush(self, box: Outbox) -> None:
@@ -105,6 +112,12 @@ class Relay:
         box.closed = True
         with self._lock:
             self._open.discard(box)
+
+    def _drop_kept(self) -> None:
+        if self._kept:
+            now = time.monotonic()
+            with self._lock:
+                self._kept = [(t, obj) for t, obj in self._kept if t > now]
 
     def _poll_cancelled(self) -> None:
         with self._lock:

@@ -33,6 +33,23 @@ def response(outputs: dict[str, np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 
+def send(sender, outputs: dict[str, np.ndarray] | None, final: bool) -> None:
+    """One response of a decoupled model (None: only close the request).
+
+    The Tensor objects stay referenced until `send` returns: the Python backend of Triton 2.51
+    releases the GIL in `send` and drops the outputs the client did not ask for there, which
+    frees their numpy arrays without the GIL and corrupts the stub's heap when other threads run
+    (fixed upstream in python_backend #390, "Hold GIL when deleting numpy array")."""
+    pb_utils = pb()
+    flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+    if outputs is None:
+        sender.send(None, flags=flags)
+        return
+    tensors = [pb_utils.Tensor(k, v) for k, v in outputs.items()]
+    sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+    del tensors
+
+
 def error_response(exc: BaseException):
     """INVALID_ARG for bad input (gRPC INVALID_ARGUMENT, HTTP 400), INTERNAL otherwise."""
     pb_utils = pb()

@@ -63,11 +63,11 @@ class TritonPythonModel:
     def _answer(self, request):
         sender = request.get_response_sender()
 
-        def send(outputs, final):  # called by the relay thread
+        def send(outputs, final, request=request):  # by the relay thread; holds the request until it is answered
             if isinstance(outputs, Exception):
                 sender.send(io.error_response(outputs), flags=FINAL)
             else:
-                sender.send(io.response(outputs) if outputs is not None else None, flags=FINAL if final else 0)
+                io.send(sender, outputs, final)
 
         answer = None
         try:
@@ -75,7 +75,7 @@ class TritonPythonModel:
             request_id = uuid.uuid4().hex
             stop_engine = _once(lambda: self._stop(request_id))
             answer = Answer(self.entry, req, self.relay, send, sender.is_cancelled, on_cancel=stop_engine)
-            reason = self.entry.generate(req, self._engine(req, request_id), stop_engine, answer)
+            reason = self.entry.generate(req, self._engine(req, request_id, sender), stop_engine, answer)
             self._count(self.finished[reason], 1)
         except Exception as exc:
             if not isinstance(exc, BaylingError):
@@ -88,17 +88,34 @@ class TritonPythonModel:
             except Exception:
                 log.debug("error response not delivered", exc_info=True)
 
-    def _engine(self, req, request_id):
+    def _engine(self, req, request_id, sender):
         inputs = [pb_utils.Tensor(k, v) for k, v in self.entry.engine_inputs(req).items()]
         call = pb_utils.InferenceRequest(model_name=ENGINE_MODEL, inputs=inputs, request_id=request_id,
                                          requested_output_names=["output_ids", "sequence_length"])
-        for response in call.exec(decoupled=True):
-            if response.has_error():
-                error = response.error()
-                invalid = getattr(error, "code", lambda: None)() == pb_utils.TritonError.INVALID_ARG
-                raise (InvalidInput("engine", error.message()) if invalid else BaylingError(error.message()))
-            if response.output_tensors():
-                yield {t.name(): t.as_numpy() for t in response.output_tensors()}
+        responses = call.exec(decoupled=True)
+        try:
+            for response in responses:
+                if response.has_error():
+                    error = response.error()
+                    invalid = getattr(error, "code", lambda: None)() == pb_utils.TritonError.INVALID_ARG
+                    raise (InvalidInput("engine", error.message()) if invalid else BaylingError(error.message()))
+                if response.output_tensors():
+                    yield {t.name(): t.as_numpy() for t in response.output_tensors()}
+        finally:
+            self._release(responses, sender)
+
+    def _release(self, responses, sender):
+        """Let go of a finished BLS response iterator only once the stub has let go of it.
+
+        The iterator keeps every response it produced. Its last reference must be Python's: the
+        stub also drops its own from its stub-to-parent thread without the GIL, and if that one is
+        the last, the responses' numpy arrays are freed without the GIL, corrupting the heap while
+        other threads run (python_backend of Triton 2.51; fixed upstream by #390). That thread
+        works through one queue in order, and `is_cancelled` waits for its turn in the same queue,
+        so once it returns the stub's reference is gone. A request already known to be cancelled
+        answers without queueing: then the relay holds the iterator for a few seconds."""
+        if sender.is_cancelled():
+            self.relay.keep(responses, seconds=5.0)
 
     def _stop(self, request_id):
         """TensorRT-LLM's `stop` input: end the engine request with this id."""

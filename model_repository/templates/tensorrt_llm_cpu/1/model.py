@@ -37,20 +37,21 @@ class TritonPythonModel:
                     sender.send(flags=FINAL)
                     continue
                 req, include_input = engine_io.engine_request(inputs, request.request_id(), self.exclude_input)
-                self.engine.submit(req, self._sink(sender, req.input_ids if include_input else []), sender.is_cancelled)
+                requested = frozenset(request.requested_output_names()) or None
+                self.engine.submit(req, self._sink(sender, req.input_ids if include_input else [], requested),
+                                   sender.is_cancelled)
             except Exception as exc:
                 sender.send(io.error_response(exc), flags=FINAL)
         return None
 
-    def _sink(self, sender, prefix_ids):
+    def _sink(self, sender, prefix_ids, requested):
         def send(emission):
             if emission.token_ids:
                 self.tokens_metric.increment(len(emission.token_ids))
             if emission.error is not None:
                 sender.send(io.error_response(emission.error), flags=FINAL)
             else:
-                sender.send(io.response(engine_io.engine_outputs(emission, prefix_ids)),
-                            flags=FINAL if emission.final else 0)
+                io.send(sender, engine_io.engine_outputs(emission, prefix_ids, requested), emission.final)
         return send
 
     def finalize(self):
