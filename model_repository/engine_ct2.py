@@ -117,7 +117,9 @@ class Ct2Engine:
         self.generator = ctranslate2.Generator(**self._generator_options)
         self.vocabulary: list[str] = json.loads((Path(model_dir) / "vocabulary.json").read_text(encoding="utf-8"))
         self.max_batch_size = max_batch_size
-        self.gather_s = gather_ms / 1000
+        self.gather_s = gather_ms / 1000         # a batch forms once no request came for this long ...
+        self.gather_max_s = max(self.gather_s, 0.02)  # ... or this long after the first one waited
+        self._last_arrival = 0.0
         self.join_budget = join_budget
         self.restarts = 0
         self.reloads = 0    # generators created for seeded sampling
@@ -159,6 +161,7 @@ class Ct2Engine:
                 self._by_id[request.request_id] = active
             self._pending.append(active)
             self._arrivals += 1
+            self._last_arrival = time.monotonic()
             self._cond.notify()
 
     def stop(self, request_id: str) -> None:
@@ -185,7 +188,7 @@ class Ct2Engine:
                     for active in self._pending:
                         self._finish(active, error=RuntimeError("the server is shutting down"))
                     return
-            time.sleep(self.gather_s)  # let requests that arrive together share the batch
+            self._gather(time.monotonic())  # let requests that arrive together share the batch
             batch = self._take_batch()
             if batch:
                 try:
@@ -197,6 +200,15 @@ class Ct2Engine:
                     for active in batch:
                         if not active.done:
                             self._finish(active, error=exc)
+
+    def _settled(self, first_waiting: float) -> bool:
+        """Have the requests arriving together all arrived? (None for `gather_s`, or waited long enough.)"""
+        now = time.monotonic()
+        return now - self._last_arrival >= self.gather_s or now - first_waiting >= self.gather_max_s
+
+    def _gather(self, first_waiting: float) -> None:
+        while not self._settled(first_waiting):
+            time.sleep(self.gather_s / 4)
 
     def _take_batch(self) -> list[_Active]:
         with self._cond:
@@ -245,6 +257,7 @@ class Ct2Engine:
         can_join = (len(batch) < self.max_batch_size and first.min_length == 0 and first.repetition_penalty == 1.0
                     and (first.greedy or first.random_seed is None))
         arrivals = self._arrivals
+        newcomer_seen = 0.0    # when an arrival was first noticed (restarts wait for the rest of a burst)
         restart = False
         options = dict(max_length=max(a.request.max_new_tokens - len(a.generated) for a in batch),
                        include_prompt_in_result=False,
@@ -261,16 +274,18 @@ class Ct2Engine:
             options["suppress_sequences"] = [[vocab[t] for t in w] for w in first.bad_words]
 
         def on_token(step) -> bool:
-            nonlocal arrivals, restart
+            nonlocal arrivals, restart, newcomer_seen
             active = batch[step.batch_id]
             if active.done or restart:
                 return True  # (a restart regenerates this step's token)
             if can_join and self._arrivals != arrivals:
-                arrivals = self._arrivals
-                if self._joinable(key, batch):
-                    restart = True
-                    self.restarts += 1
-                    return True
+                newcomer_seen = newcomer_seen or time.monotonic()
+                if self._settled(newcomer_seen):
+                    arrivals, newcomer_seen = self._arrivals, 0.0
+                    if self._joinable(key, batch):
+                        restart = True
+                        self.restarts += 1
+                        return True
             request = active.request
             if request.end_id is not None and step.token_id == request.end_id:
                 self._finish(active)

@@ -99,17 +99,21 @@ class Relay:
         if end == box.sent and not final:
             return
         start, box.sent = box.sent, end
-        if final:
-            self._close(box)
         self.responses += 1
         try:
             box.deliver(start, end, final)
         except Exception:  # typically the client is gone; a failure must not stop the relay for the others
             log.debug("a response could not be delivered (the client left?); closing that request", exc_info=True)
+            final = True
+        if final:
             self._close(box)
 
     def _close(self, box: Outbox) -> None:
+        """No more deliveries. The box lets go of its callbacks (they hold Triton's response senders and
+        requests, and refer back to their owner): freed now by reference counting, not some time later
+        by the cycle collector."""
         box.closed = True
+        box.deliver = box.is_cancelled = box.on_cancel = None
         with self._lock:
             self._open.discard(box)
 

@@ -3,6 +3,7 @@ end id, cancellation, `stop` requests and batching. The scripted tiny model's gr
 known exactly (tests/models.py)."""
 
 import threading
+import time
 
 import pytest
 
@@ -61,13 +62,32 @@ def test_greedy_follows_the_script_and_ends_at_end_id(engine, prompt_and_script)
     assert len(out.emissions) == 1 and out.emissions[0].final  # not streaming: one response
 
 
-def test_streaming_sends_each_token(engine, prompt_and_script):
+def test_streaming_sends_tokens_as_they_are_made(engine, prompt_and_script):
     prompt, script = prompt_and_script
     out = Collector()
     engine.submit(greedy(prompt, streaming=True), out)
     out.wait()
     assert out.tokens == script
-    assert [len(e.token_ids) for e in out.emissions[:-1]] == [1] * (len(out.emissions) - 1)
+    assert len(out.emissions) > 1 and [e.final for e in out.emissions] == [False] * (len(out.emissions) - 1) + [True]
+
+
+def test_a_slow_client_gets_the_tokens_made_meanwhile_in_one_response(engine, prompt_and_script):
+    """The engine never waits for a send: tokens made while one is slow leave together."""
+    prompt, script = prompt_and_script
+    out = Collector()
+    first = threading.Event()
+
+    def slow(emission):
+        if not out.emissions:
+            first.wait(10)
+        out(emission)
+
+    engine.submit(greedy(prompt, streaming=True), slow)
+    time.sleep(0.5)               # the whole script is generated meanwhile
+    first.set()
+    out.wait()
+    assert out.tokens == script
+    assert len(out.emissions) <= 3 and len(out.emissions[-1].token_ids) > len(script) // 2
 
 
 def test_max_new_tokens_and_stop_words(engine, prompt_and_script):
