@@ -129,6 +129,7 @@ class TextStream:
         self._stops = StopStringFinder(stop_strings)
         self._stop_ids = frozenset(int(t) for t in stop_token_ids)
         self._ids: list[int] | None = [] if self._stops._stops else None   # kept only to recount a stop string
+        self._grouped = False     # has a call brought more than one id?
         self.completion_tokens = 0
         self.finish_reason: str | None = None
 
@@ -149,24 +150,28 @@ class TextStream:
         self.completion_tokens += len(ids)
         if self._ids is not None:
             self._ids += ids
+            self._grouped = self._grouped or len(ids) > 1
         text = self._detok.add(ids)
         if self.finished:
             text += self._detok.flush()
         out = self._through_stages(text, flush=self.finished)
         if self._stops.stopped:
             self.finish_reason = FINISH_STOP
-            if len(ids) > 1:
-                self.completion_tokens = self._tokens_to_stop_string()
+            self._count_to_stop_string()
         return out
 
-    def _tokens_to_stop_string(self) -> int:
-        """Once per request, on a stop string: replay the ids one at a time to count exactly."""
+    def _count_to_stop_string(self) -> None:
+        """Once per request, on a stop string found after many-id calls: replay the ids one at a time,
+        so that the count is the one-id-per-call count (the stop string can be decided an id or a call
+        late, e.g. when it ends where a byte-fallback run starts)."""
+        if not self._grouped:
+            return
         replay = TextStream(**self._config)
         for t in self._ids:
             replay.add_tokens((t,))
             if replay.finished:
                 break
-        return replay.completion_tokens
+        self.completion_tokens = replay.completion_tokens
 
     def finish(self, reason: str) -> str:
         """The engine is done (or the request was cancelled): flush what is held back.
@@ -175,6 +180,8 @@ class TextStream:
             return ""
         text = self._through_stages(self._detok.flush(), flush=True)
         self.finish_reason = FINISH_STOP if self._stops.stopped and reason != FINISH_CANCELLED else reason
+        if self._stops.stopped:
+            self._count_to_stop_string()
         return text
 
     def _through_stages(self, text: str, flush: bool) -> str:

@@ -232,3 +232,35 @@ def test_bayling_serve_prints_endpoints_and_stops_cleanly_on_sigterm(default_eng
             serve.kill()
     leftover = subprocess.run(["pgrep", "-f", f"grpc-port={ports[1]}"], capture_output=True, text=True)
     assert leftover.stdout == ""
+
+
+def test_sixty_four_streams_at_once_get_exact_answers_and_finish_reasons(scripted_server):
+    """Under load the relay merges pieces into fewer responses: every answer must stay exact."""
+    cases = {"plain": ({}, SCRIPT_SHOWN, "stop"),
+             "stop string": ({"stop_words": ["来自"]}, SCRIPT_SHOWN.split("来自")[0], "stop"),
+             "no end id": ({"end_id": -1, "max_tokens": 120}, None, "length")}
+    results = {}
+
+    def run(i):
+        name = list(cases)[i % len(cases)]
+        extra = cases[name][0]
+        request = chat("你好", **{"max_tokens": 40, **extra}, stream=True, **GREEDY)
+        results[i] = (name, grpc_stream(scripted_server.grpc, request), grpc_stream(scripted_server.grpc,
+                                                                                     {**request, "stream": False}))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 64
+    for name, streamed, whole in results.values():
+        _, expected, reason = cases[name]
+        assert streamed.error is None and whole.error is None, name
+        assert streamed.text == whole.text, name
+        if expected is not None:
+            assert whole.text == expected, name
+        assert final_value(streamed, "finish_reason") == final_value(whole, "finish_reason") == reason, name
+        assert final_value(streamed, "completion_tokens") == final_value(whole, "completion_tokens"), name
+    no_end = [r for r in results.values() if r[0] == "no end id"]
+    assert all(final_value(s, "completion_tokens") == 120 for _, s, _ in no_end)

@@ -118,3 +118,15 @@ def test_a_stop_string_completed_by_the_final_flush_still_stops(llama_tokenizer)
     ids = llama_tokenizer.encode("###!", add_special_tokens=False)  # "!" is a byte token: held to the end
     pieces, stream = run_stream(llama_tokenizer, ids, [1], stop_strings=["###"])
     assert "".join(pieces) == "" and stream.finish_reason == "stop"
+
+
+@SETTINGS
+@given(fragments, chunkings)
+def test_text_reason_and_token_count_do_not_depend_on_how_ids_are_grouped(llama_tokenizer, text, sizes):
+    """The relay merges tokens into bigger responses under load: the answer must not change."""
+    ids = llama_tokenizer.encode(text, add_special_tokens=False) + [2]
+    options = dict(stop_strings=["###", "STOP"], placeholders=True, stop_token_ids=[2])
+    one_by_one, single = run_stream(llama_tokenizer, ids, [1], **options)
+    grouped, merged = run_stream(llama_tokenizer, ids, sizes, **options)
+    assert "".join(grouped) == "".join(one_by_one)
+    assert (merged.finish_reason, merged.completion_tokens) == (single.finish_reason, single.completion_tokens)
