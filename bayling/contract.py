@@ -190,6 +190,25 @@ ENSEMBLE_TO_ENGINE: dict[str, str] = {
     "stream": "streaming",
 }
 
+# Every public parameter that becomes one engine scalar: the ensemble's direct wiring, plus those that
+# reach the engine through `preprocessing` (max_tokens, end_id, pad_id). The `bayling` model uses it too.
+PUBLIC_TO_ENGINE: dict[str, str] = {**ENSEMBLE_TO_ENGINE, "max_tokens": "request_output_len", "end_id": "end_id",
+                                    "pad_id": "pad_id"}
+
+
+def engine_scalars(values: dict) -> dict[str, np.ndarray]:
+    """Public parameter values -> the engine's [1, 1] tensors, named and typed as `tensorrt_llm` declares them.
+
+    >>> engine_scalars({"top_k": 1, "max_tokens": 64})["runtime_top_k"]
+    array([[1]], dtype=int32)
+    """
+    arrays = {}
+    for name, value in values.items():
+        engine = PUBLIC_TO_ENGINE[name]
+        arrays[engine] = np.array([[value]], dtype=tensor(ENGINE_MODEL, engine).numpy_dtype)
+    return arrays
+
+
 # --- the entry model `bayling`: everything the ensemble takes (text_input and max_tokens
 # optional), plus a conversation as JSON; streamed responses carry only the new text.
 ENTRY_INPUTS: tuple[Tensor, ...] = _optional(ENSEMBLE_INPUTS, "text_input", "max_tokens") + (

@@ -33,8 +33,7 @@ def main(args: argparse.Namespace) -> int:
 
     from bayling.client import BayLingClient
     from bayling.client.chat_cli import run_chat
-    from bayling.model_repository import render, serve
-    from bayling.model_repository.server import free_port
+    from bayling.model_repository import serve
 
     engine = args.engine or default_engine_dir()
     if args.engine is None and not (engine / "manifest.json").is_file():
@@ -45,13 +44,8 @@ def main(args: argparse.Namespace) -> int:
         build_cpu_engine(default_checkpoint(), engine, name=MODEL_NAME)
     log = cache_dir() / "logs" / "demo-tritonserver.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    options = render.RenderOptions()
-    server_args = argparse.Namespace(
-        http_port=args.http_port or free_port(), grpc_port=args.grpc_port or free_port(),
-        metrics_port=args.metrics_port or free_port(), address="127.0.0.1", run_dir=None, log_file=log,
-        ready_timeout=600, max_batch_size=options.max_batch_size, max_concurrency=options.max_concurrency,
-        cpu_threads=options.cpu_threads)
-    server = serve.start_server(engine, server_args)
+    server = serve.start_server(serve.ServeOptions(engine, args.http_port, args.grpc_port, args.metrics_port,
+                                                   address="127.0.0.1", log_file=log, ready_timeout=600))
     try:
         print(serve.endpoints(server), file=sys.stderr)
         print(f"server log: {log}\n", file=sys.stderr, flush=True)

@@ -90,8 +90,23 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds used so far by `root` and all its descendants (tritonserver and its stubs)."""
+def _role(pid: int, root: int) -> str:
+    """'tritonserver', the model a Python backend stub serves, or 'other'."""
+    if pid == root:
+        return "tritonserver"
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        return "other"
+    for part in cmdline:
+        if part.endswith(b"/1/model.py"):
+            return Path(part.decode()).parent.parent.name
+    return "other"
+
+
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds used so far by `root` and all its descendants, by role (tritonserver, each model's
+    stubs); "total" sums them."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (s := _stat(int(entry))) is not None:
@@ -99,13 +114,20 @@ def tree_cpu_seconds(root: int) -> float:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
+    by_role: dict[str, float] = {"total": 0.0}
+    todo = [root]
     while todo:
         pid = todo.pop()
         if pid in stats:
-            total += stats[pid][1]
+            role = _role(pid, root)
+            by_role[role] = by_role.get(role, 0.0) + stats[pid][1]
+            by_role["total"] += stats[pid][1]
             todo += children.get(pid, [])
-    return total
+    return by_role
+
+
+def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
 # --- one request per path, over a lean asyncio client ----------------------------------------------
@@ -247,9 +269,16 @@ class Row:
     requests: int
     tokens: int
     seconds: float
-    server_cpu_s: float
+    server_cpu: dict[str, float]      # seconds by role: total, tritonserver, bayling, tensorrt_llm, ...
     gateway_cpu_s: float
     responses: int
+
+    @property
+    def server_cpu_s(self) -> float:
+        return self.server_cpu["total"]
+
+    def us_per_token(self, *roles: str) -> float:
+        return 1e6 * sum(self.server_cpu.get(r, 0.0) for r in roles) / self.tokens
 
     @property
     def tokens_per_s(self) -> float:
@@ -266,12 +295,14 @@ class Row:
     def cells(self) -> list[str]:
         gateway = f"{self.gateway_us_per_token:.0f}" if self.path == "openai-stream" else "-"
         return [self.path, str(self.streams), str(self.requests), str(self.tokens), f"{self.seconds:.2f}",
-                f"{self.tokens_per_s:,.0f}", f"{self.server_us_per_token:.0f}", gateway,
-                f"{self.responses / self.requests:.1f}"]
+                f"{self.tokens_per_s:,.0f}", f"{self.server_us_per_token:.0f}",
+                f"{self.us_per_token('tritonserver'):.0f}", f"{self.us_per_token(*TEXT_MODELS):.0f}",
+                f"{self.us_per_token('tensorrt_llm'):.0f}", gateway, f"{self.responses / self.requests:.1f}"]
 
 
+TEXT_MODELS = ("bayling", "preprocessing", "postprocessing")
 COLUMNS = ("path", "streams", "requests", "tokens", "seconds", "tokens/s", "server CPU µs/token",
-           "gateway CPU µs/token", "responses/request")
+           "of which tritonserver", "text models", "engine model", "gateway CPU µs/token", "responses/request")
 
 
 async def run_level(paths: Paths, path: str, streams: int, requests: int, server_pid: int,
@@ -284,12 +315,12 @@ async def run_level(paths: Paths, path: str, streams: int, requests: int, server
             done.append(await paths.request(path))
 
     cpu0 = tree_cpu_seconds(server_pid)
-    gw0 = tree_cpu_seconds(gateway_pid) if gateway_pid else 0.0
+    gw0 = tree_cpu_seconds(gateway_pid)["total"] if gateway_pid else 0.0
     start = time.perf_counter()
     await asyncio.gather(*(stream() for _ in range(streams)))
     seconds = time.perf_counter() - start
-    server = tree_cpu_seconds(server_pid) - cpu0
-    gateway = (tree_cpu_seconds(gateway_pid) - gw0) if gateway_pid else 0.0
+    server = cpu_delta(tree_cpu_seconds(server_pid), cpu0)
+    gateway = (tree_cpu_seconds(gateway_pid)["total"] - gw0) if gateway_pid else 0.0
     tokens = sum(d.tokens for d in done)
     expected = requests * paths.tokens
     if tokens != expected:
@@ -397,29 +428,23 @@ def main() -> None:
         Path(args.json_path).write_text(json.dumps({
             "engine": str(engine), "tokens": args.tokens, "cores": os.cpu_count(), "server": asdict(options),
             "in_process_tokens_per_s": ceiling,
-            "rows": [{**row.__dict__, "tokens_per_s": row.tokens_per_s, "server_us_per_token": row.server_us_per_token,
+            "rows": [{**asdict(row), "tokens_per_s": row.tokens_per_s, "server_us_per_token": row.server_us_per_token,
                       "gateway_us_per_token": row.gateway_us_per_token} for row in rows]}, indent=2))
 
 
 def start_server(engine: Path, tmp: Path, serve_args: list[str]):
-    """A real tritonserver on the engine, configured as `bayling serve` with these options would be."""
-    from bayling.model_repository.render import render_repository
-    from bayling.model_repository.server import TritonServer, free_port, pytriton_launcher
-    from bayling.paths import cache_dir
+    """A real tritonserver on the engine, as `bayling serve --engine ENGINE SERVE_ARGS` runs it (on free
+    loopback ports)."""
+    from dataclasses import replace
 
-    options = render_options(serve_args)
-    repo = render_repository(engine, tmp / "repo", options)
-    server = TritonServer(repo, pytriton_launcher(cache_dir()), free_port(), free_port(), free_port(),
-                          address="127.0.0.1", log_file=tmp / "tritonserver.log")
-    return server.start(timeout=300), options
-
-
-def render_options(serve_args: list[str]):
-    from bayling.model_repository.render import add_render_options, options_from
+    from bayling.model_repository.serve import add_arguments, serve_options_from, start_server as start
 
     parser = argparse.ArgumentParser(prog="bench_relay --serve-arg")
-    add_render_options(parser)
-    return options_from(parser.parse_args(serve_args))
+    add_arguments(parser)
+    options = serve_options_from(parser.parse_args(["--engine", str(engine), *serve_args]))
+    options = replace(options, http_port=0, grpc_port=0, metrics_port=0, address="127.0.0.1", run_dir=tmp,
+                      log_file=tmp / "tritonserver.log", ready_timeout=300)
+    return start(options), options.render
 
 
 if __name__ == "__main__":

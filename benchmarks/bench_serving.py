@@ -114,7 +114,7 @@ def hf_fp32(checkpoint: Path, tokenizer, prompts: list[str], tokens: int, batch:
 
 def main() -> None:
     from bayling.manifest import read_manifest
-    from bayling.paths import cache_dir, default_engine_dir
+    from bayling.paths import default_engine_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=Path, default=default_engine_dir())
@@ -124,8 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from bayling.model_repository.render import render_repository
-    from bayling.model_repository.server import TritonServer, free_port, pytriton_launcher
+    from bayling.model_repository.serve import ServeOptions, start_server
 
     manifest = read_manifest(args.engine)
     tokenizer = AutoTokenizer.from_pretrained(str(args.engine / "tokenizer"))
@@ -143,9 +142,8 @@ def main() -> None:
           f"median of {args.repeats} runs")
     print(f"{'':<44} {'n':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
-        repo = render_repository(args.engine, Path(tmp) / "repo")
-        server = TritonServer(repo, pytriton_launcher(cache_dir()), free_port(), free_port(), free_port(),
-                              address="127.0.0.1", log_file=Path(tmp) / "tritonserver.log").start()
+        server = start_server(ServeOptions(args.engine, 0, 0, 0, address="127.0.0.1", run_dir=Path(tmp),
+                                           log_file=Path(tmp) / "tritonserver.log"))
         try:
             served(server.grpc_url, prompts[:1], 4)  # warm up
             measure("served (Triton, gRPC stream), 1 stream", lambda: served(server.grpc_url, prompts[:1], args.tokens), 1)

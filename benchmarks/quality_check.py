@@ -23,15 +23,10 @@ DATA = Path(__file__).resolve().parent / "data" / "translation_set.jsonl"
 
 def translate_all(engine: Path, items: list[dict], max_tokens: int, log_file: Path) -> list[str]:
     from bayling.client import BayLingClient
-    from bayling.model_repository import render, serve
-    from bayling.model_repository.server import free_port
+    from bayling.model_repository import serve
     from bayling.translation import translation_prompt
 
-    options = render.RenderOptions()
-    server = serve.start_server(engine, argparse.Namespace(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), address="127.0.0.1", run_dir=None,
-        log_file=log_file, ready_timeout=1800, triton_arg=[], max_batch_size=options.max_batch_size,
-        max_concurrency=options.max_concurrency, cpu_threads=options.cpu_threads))
+    server = serve.start_server(serve.ServeOptions(engine, 0, 0, 0, address="127.0.0.1", log_file=log_file))
     try:
         with BayLingClient(server.grpc_url) as client:
             return [client.chat([{"role": "user", "content": translation_prompt(

@@ -59,9 +59,9 @@ def main(args: argparse.Namespace) -> int:
             raise BaylingError("--output ENGINE_DIR is required with --model")
         output, model_dir, name = args.output, args.model, args.name
     if args.target == "trtllm":
-        from bayling.build_engine.trtllm_build import run_trtllm_build
+        from bayling.build_engine.trtllm_build import run_trtllm_build, trtllm_build_from_args
 
-        run_trtllm_build(args, model_dir=model_dir, output=output, name=name)
+        run_trtllm_build(trtllm_build_from_args(args, model_dir=model_dir, output=output, name=name))
         return 0
     from bayling.build_engine.ct2_build import build_cpu_engine
 

@@ -46,7 +46,6 @@ from bayling.build_engine.gpu_planner import KV_CACHE_TYPES, QUANTS, GpuPlan, Mo
 CALIB_FILE = "train.jsonl"                    # the split name HF `datasets` infers from the file name
 CALIB_FIELD = "text"                          # the field load_calib_dataset reads for a local folder
 RESERVED_DATASET_NAMES = ("cnn_dailymail", "lambada")   # DEFAULT_HF_DATASET_META keys matched by substring
-DEFAULT_CALIB_MAX_SEQ_LENGTH = 512            # convert_checkpoint.py's default
 WORK_DIR = ".trtllm-work"                     # inside the engine folder while building; removed at the end
 
 
@@ -54,42 +53,27 @@ def default_calib_prompts() -> Path:
     return Path(str(resources.files("bayling.build_engine").joinpath("data", "calibration_prompts.jsonl")))
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------ options
 
-def add_trtllm_arguments(parser) -> None:
-    """The options of `bayling build --target trtllm` (a parser or an argument group)."""
-    existing = getattr(parser, "_option_string_actions", {})
-    parser.add_argument("--quant", choices=QUANTS, default="int8-wo",
-                        help="int8-wo: INT8 weight-only (W8A16, default); int8-sq: SmoothQuant W8A8 per-channel + "
-                             "per-token (calibrated); fp16: the reference build")
-    parser.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="fp16",
-                        help="KV-cache type (int8 halves its memory; calibrated; turns KV-cache reuse off)")
-    parser.add_argument("--gpu-memory", metavar="SIZE",
-                        help="memory of each GPU to plan for, e.g. 16GiB, 24GB (default: what nvidia-smi reports)")
-    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel GPUs (default 1)")
-    parser.add_argument("--smoothquant-alpha", type=float, default=0.5, metavar="A",
-                        help="SmoothQuant migration strength in [0, 1] (default 0.5)")
-    parser.add_argument("--calib-prompts", type=Path, metavar="JSONL",
-                        help="bilingual calibration conversations (default: the set shipped with bayling)")
-    parser.add_argument("--calib-max-seq-length", type=int, default=DEFAULT_CALIB_MAX_SEQ_LENGTH, metavar="N",
-                        help=f"tokens per calibration sample (default {DEFAULT_CALIB_MAX_SEQ_LENGTH})")
-    parser.add_argument("--convert-script", metavar="PATH",
-                        help="TensorRT-LLM's examples/llama/convert_checkpoint.py (default: found in the container)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and every command; run nothing")
-    parser.add_argument("--force-version", action="store_true",
-                        help=f"build with a TensorRT-LLM other than the pinned {trtllm_release.TRTLLM_VERSION}")
-    if "--max-context" not in existing:
-        parser.add_argument("--max-context", type=int, help="context length in tokens (default: the model's)")
+def find_convert_script() -> str:
+    env = os.environ.get("TRTLLM_EXAMPLES_DIR")
+    candidates = ([str(Path(env) / "llama" / "convert_checkpoint.py")] if env else []) + \
+        list(trtllm_release.CONVERT_SCRIPT_CANDIDATES)
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            return candidate
+    return candidates[0]
 
 
 @dataclass
 class TrtllmOptions:
+    """How the engine is converted and compiled; the one place its defaults are written."""
     quant: str = "int8-wo"
     kv_cache: str = "fp16"
     tp: int = 1
     smoothquant_alpha: float = 0.5
-    calib_max_seq_length: int = DEFAULT_CALIB_MAX_SEQ_LENGTH
-    convert_script: str = trtllm_release.CONVERT_SCRIPT_CANDIDATES[0]
+    calib_max_seq_length: int = 512           # convert_checkpoint.py's default
+    convert_script: str = field(default_factory=find_convert_script)
     python: str = "python3"
     trtllm_build: str = "trtllm-build"
     dtype: str = "float16"                    # BayLing's weights are fp16
@@ -107,21 +91,65 @@ class TrtllmOptions:
             raise BaylingError("--calib-max-seq-length must be at least 16")
 
 
-def options_from_args(args: argparse.Namespace) -> TrtllmOptions:
-    return TrtllmOptions(quant=getattr(args, "quant", "int8-wo"), kv_cache=getattr(args, "kv_cache", "fp16"),
-                         tp=getattr(args, "tp", 1), smoothquant_alpha=getattr(args, "smoothquant_alpha", 0.5),
-                         calib_max_seq_length=getattr(args, "calib_max_seq_length", DEFAULT_CALIB_MAX_SEQ_LENGTH),
-                         convert_script=getattr(args, "convert_script", None) or find_convert_script())
+@dataclass
+class TrtllmBuild:
+    """One `bayling build --target trtllm` run: what `run_trtllm_build` is called with."""
+    model_dir: Path
+    output: Path
+    name: str | None = None                   # shown to clients; default: the model folder's name
+    max_context: int | None = None            # default: the model's
+    template_choice: str = "auto"             # one of bayling.templates.TEMPLATE_CHOICES
+    calib_prompts: Path | None = None         # default: the set shipped with bayling
+    gpu_memory: int | None = None             # bytes of each GPU to plan for; default: what nvidia-smi reports
+    dry_run: bool = False
+    force: bool = False                       # replace an existing engine folder
+    force_version: bool = False               # accept a TensorRT-LLM other than the pinned one
+    options: TrtllmOptions = field(default_factory=TrtllmOptions)
+
+    def __post_init__(self):
+        self.model_dir, self.output = Path(self.model_dir), Path(self.output)
 
 
-def find_convert_script() -> str:
-    env = os.environ.get("TRTLLM_EXAMPLES_DIR")
-    candidates = ([str(Path(env) / "llama" / "convert_checkpoint.py")] if env else []) + \
-        list(trtllm_release.CONVERT_SCRIPT_CANDIDATES)
-    for candidate in candidates:
-        if Path(candidate).is_file():
-            return candidate
-    return candidates[0]
+# ---------------------------------------------------------------------------------------------- CLI
+
+def add_trtllm_arguments(parser) -> None:
+    """The options of `bayling build --target trtllm` (a parser or an argument group)."""
+    existing = getattr(parser, "_option_string_actions", {})
+    d = TrtllmOptions()
+    parser.add_argument("--quant", choices=QUANTS, default=d.quant,
+                        help="int8-wo: INT8 weight-only (W8A16, default); int8-sq: SmoothQuant W8A8 per-channel + "
+                             "per-token (calibrated); fp16: the reference build")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default=d.kv_cache,
+                        help="KV-cache type (int8 halves its memory; calibrated; turns KV-cache reuse off)")
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="memory of each GPU to plan for, e.g. 16GiB, 24GB (default: what nvidia-smi reports)")
+    parser.add_argument("--tp", type=int, default=d.tp, metavar="N", help=f"tensor-parallel GPUs (default {d.tp})")
+    parser.add_argument("--smoothquant-alpha", type=float, default=d.smoothquant_alpha, metavar="A",
+                        help=f"SmoothQuant migration strength in [0, 1] (default {d.smoothquant_alpha})")
+    parser.add_argument("--calib-prompts", type=Path, metavar="JSONL",
+                        help="bilingual calibration conversations (default: the set shipped with bayling)")
+    parser.add_argument("--calib-max-seq-length", type=int, default=d.calib_max_seq_length, metavar="N",
+                        help=f"tokens per calibration sample (default {d.calib_max_seq_length})")
+    parser.add_argument("--convert-script", default=d.convert_script, metavar="PATH",
+                        help="TensorRT-LLM's examples/llama/convert_checkpoint.py (default: found in the container)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and every command; run nothing")
+    parser.add_argument("--force-version", action="store_true",
+                        help=f"build with a TensorRT-LLM other than the pinned {trtllm_release.TRTLLM_VERSION}")
+    if "--max-context" not in existing:
+        parser.add_argument("--max-context", type=int, help="context length in tokens (default: the model's)")
+
+
+def trtllm_build_from_args(args: argparse.Namespace, *, model_dir: Path, output: Path,
+                           name: str | None) -> TrtllmBuild:
+    """The run the `bayling build` arguments ask for (its parser, build.add_arguments, defines
+    every attribute read here: --template and --force are its own, the rest add_trtllm_arguments')."""
+    options = TrtllmOptions(quant=args.quant, kv_cache=args.kv_cache, tp=args.tp,
+                            smoothquant_alpha=args.smoothquant_alpha,
+                            calib_max_seq_length=args.calib_max_seq_length, convert_script=args.convert_script)
+    return TrtllmBuild(model_dir, output, name=name, max_context=args.max_context, template_choice=args.template,
+                       calib_prompts=args.calib_prompts,
+                       gpu_memory=gpu_planner.parse_memory(args.gpu_memory) if args.gpu_memory else None,
+                       dry_run=args.dry_run, force=args.force, force_version=args.force_version, options=options)
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -250,9 +278,10 @@ def detect_gpus() -> list[tuple[str, int]]:
     return gpus
 
 
-def gpu_memory_for(args: argparse.Namespace, gpus: list[tuple[str, int]]) -> int:
-    if getattr(args, "gpu_memory", None):
-        return gpu_planner.parse_memory(args.gpu_memory)
+def gpu_memory_for(gpu_memory: int | None, gpus: list[tuple[str, int]]) -> int:
+    """The memory to plan for: the one asked for, else the smallest GPU's."""
+    if gpu_memory:
+        return gpu_memory
     if not gpus:
         raise BaylingError("no GPU found here (nvidia-smi); pass --gpu-memory SIZE to plan for one, e.g. --gpu-memory 24GiB")
     return min(mem for _, mem in gpus)
@@ -346,34 +375,30 @@ def build_record(options: TrtllmOptions, plan: GpuPlan, commands: list[list[str]
     }
 
 
-def run_trtllm_build(args: argparse.Namespace, *, model_dir: Path | None = None, output: Path | None = None,
-                     name: str | None = None) -> dict:
-    """`bayling build --target trtllm`: plan, print, then (unless --dry-run) convert, build and
+def run_trtllm_build(build: TrtllmBuild) -> dict:
+    """`bayling build --target trtllm`: plan, print, then (unless a dry run) convert, build and
     write the engine folder. Returns the manifest's `build` record."""
-    model_dir = Path(model_dir if model_dir is not None else args.model)
-    output = Path(output if output is not None else args.output)
-    options = options_from_args(args)
-    name = name or getattr(args, "name", None) or model_dir.resolve().name
+    model_dir, output, options = build.model_dir, build.output, build.options
+    name = build.name or model_dir.resolve().name
     config_path = model_dir / "config.json"
     shape = ModelShape.from_config_file(config_path, name)
     config = json.loads(config_path.read_text(encoding="utf-8"))
     gpus = detect_gpus()
-    plan = gpu_planner.plan(shape, options.quant, options.kv_cache, options.tp, gpu_memory_for(args, gpus),
-                            getattr(args, "max_context", None))
-    if gpus and len(gpus) < options.tp and not args.dry_run:
+    plan = gpu_planner.plan(shape, options.quant, options.kv_cache, options.tp, gpu_memory_for(build.gpu_memory, gpus),
+                            build.max_context)
+    if gpus and len(gpus) < options.tp and not build.dry_run:
         raise BaylingError(f"--tp {options.tp} needs {options.tp} GPUs; nvidia-smi reports {len(gpus)}")
-    template_choice = getattr(args, "template", "auto") or "auto"
-    template = _resolve_template(template_choice, model_dir, config, name)
-    prompts = getattr(args, "calib_prompts", None) or default_calib_prompts()
+    template = _resolve_template(build.template_choice, model_dir, config, name)
+    prompts = Path(build.calib_prompts or default_calib_prompts())
 
     print(f"TensorRT-LLM plan for {name} ({trtllm_release.pin_summary()})")
     print(plan.format_table())
-    if args.dry_run:
+    if build.dry_run:
         work = output / WORK_DIR
         calibration = None
         if plan.calibration:
             records = read_calibration_prompts(prompts)
-            calibration = CalibrationSet(work / "calibration", len(records), Path(prompts), template.name)
+            calibration = CalibrationSet(work / "calibration", len(records), prompts, template.name)
         commands = plan_commands(model_dir, work / "checkpoint", output / "trtllm", options, plan, calibration)
         print("\ncommands (dry run: nothing is run):")
         if calibration:
@@ -383,28 +408,29 @@ def run_trtllm_build(args: argparse.Namespace, *, model_dir: Path | None = None,
         installed = trtllm_release.installed_version()
         print(f"\nTensorRT-LLM installed here: {installed or 'none'} (pinned {trtllm_release.TRTLLM_VERSION}; "
               f"run the build in {trtllm_release.TRITON_IMAGE})")
-        return build_record(options, plan, commands, calibration, template_choice)
+        return build_record(options, plan, commands, calibration, build.template_choice)
 
-    version = trtllm_release.check_installed_version(getattr(args, "force_version", False))
+    version = trtllm_release.check_installed_version(build.force_version)
     if not Path(options.convert_script).is_file():
         raise BaylingError(f"TensorRT-LLM's LLaMA converter {options.convert_script} not found; pass --convert-script "
                            "(examples/llama/convert_checkpoint.py of TensorRT-LLM v0.17.0)")
-    return _build(args, model_dir, output, name, options, plan, template, template_choice, Path(prompts), version, gpus)
+    return _build(build, name, plan, template, prompts, version, gpus)
 
 
-def _build(args, model_dir: Path, output: Path, name: str, options: TrtllmOptions, plan: GpuPlan, template,
-           template_choice: str, prompts: Path, version: str, gpus: list[tuple[str, int]]) -> dict:
+def _build(build: TrtllmBuild, name: str, plan: GpuPlan, template, prompts: Path, version: str,
+           gpus: list[tuple[str, int]]) -> dict:
     from bayling.manifest import ENGINE_SUBDIRS
     from bayling.build_engine.engine_folder import (building, choose_template, finish, load_source, load_tokenizer,
                                                     make_manifest, text_settings, tool_versions, write_tokenizer)
 
-    source = load_source(model_dir, name)
+    options, output, template_choice = build.options, build.output, build.template_choice
+    source = load_source(build.model_dir, name)
     step = _Step(5 if plan.calibration else 4)
     step(f"tokenizer and {template.name} chat template of {source.name}")
     tokenizer = load_tokenizer(source.path)
     template = choose_template(template_choice, source, tokenizer)    # the loaded tokenizer decides
     text = text_settings(source, tokenizer, template)
-    with building(output, getattr(args, "force", False)) as tmp:
+    with building(output, build.force) as tmp:
         write_tokenizer(tokenizer, template, tmp)
         work = tmp / WORK_DIR
         calibration = None
@@ -412,19 +438,19 @@ def _build(args, model_dir: Path, output: Path, name: str, options: TrtllmOption
             step(f"rendering the calibration set from {prompts.name}")
             calibration = render_calibration_set(prompts, template, work / "calibration")
         engine_dir = tmp / ENGINE_SUBDIRS["tensorrt_llm"]
-        convert, build = plan_commands(source.path, work / "checkpoint", engine_dir, options, plan, calibration)
+        convert, trtllm_build = plan_commands(source.path, work / "checkpoint", engine_dir, options, plan, calibration)
         step(f"converting to a TensorRT-LLM {options.quant} checkpoint"
              + (" (calibrating: loads the whole fp16 model)" if plan.calibration else ""))
         _run(convert, "checkpoint conversion")
         step(f"trtllm-build (max_batch_size {plan.max_batch_size}, max_seq_len {plan.max_seq_len}, "
              f"max_num_tokens {plan.max_num_tokens})")
-        _run(build, "trtllm-build")
+        _run(trtllm_build, "trtllm-build")
         missing = [f"rank{r}.engine" for r in range(options.tp) if not (engine_dir / f"rank{r}.engine").is_file()]
         if missing or not (engine_dir / "config.json").is_file():
             raise BaylingError(f"trtllm-build finished but {engine_dir} lacks {', '.join(missing) or 'config.json'}")
         shutil.rmtree(work, ignore_errors=True)
         step("writing the manifest")
-        record = build_record(options, plan, [convert, build], calibration, template_choice)
+        record = build_record(options, plan, [convert, trtllm_build], calibration, template_choice)
         versions = tool_versions("tensorrt_llm", "tensorrt", "torch", "transformers")
         versions["tensorrt_llm"] = version
         versions["tensorrt_llm_pinned"] = trtllm_release.TRTLLM_VERSION

@@ -14,8 +14,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from bayling import contract
 from bayling.errors import InvalidInput
-from bayling.params import GenerationParams, validate
+from bayling.params import PARAM_NAMES, GenerationParams, validate
 from bayling.templates import parse_messages_json
 from bayling.textstream import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from bayling.tokenization import word_list
@@ -23,13 +24,7 @@ from bayling.model_repository.engine_text import EngineText
 from bayling.model_repository.relay import Outbox, Relay
 from bayling.model_repository.triton_io import bytes_array, scalar, text, texts
 
-# public tensor name -> GenerationParams field
-PARAM_TENSORS = {
-    "max_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-    "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty", "min_length": "min_length", "length_penalty": "length_penalty",
-    "beam_width": "beam_width", "random_seed": "random_seed", "end_id": "end_id", "pad_id": "pad_id",
-}
+SCALAR_PARAMS = tuple(name for name in PARAM_NAMES if name not in ("stop_words", "bad_words"))  # one tensor each
 NOT_FROM_ENTRY = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
 
@@ -43,22 +38,17 @@ class EntryRequest:
 
 
 def generation_values(inputs: dict[str, np.ndarray]) -> dict:
-    values = {field: scalar(inputs, name) for name, field in PARAM_TENSORS.items()}
+    values = {name: scalar(inputs, name) for name in SCALAR_PARAMS}
     values["stop_words"] = texts(inputs, "stop_words")
     values["bad_words"] = texts(inputs, "bad_words")
     return values
 
 
-def engine_sampling(params: GenerationParams) -> dict[str, np.ndarray]:
-    """Sampling tensors for `tensorrt_llm`; greedy is top_k 1, as TensorRT-LLM reads it."""
-    def one(value, dtype):
-        return np.array([[value]], dtype=dtype)
-
+def engine_sampling(params: GenerationParams) -> dict:
+    """Sampling parameters as the engine reads them: greedy is top_k 1 (TensorRT-LLM's reading)."""
     if params.greedy:
-        return {"runtime_top_k": one(1, np.int32), "runtime_top_p": one(0.0, np.float32),
-                "temperature": one(1.0, np.float32)}
-    return {"runtime_top_k": one(params.top_k, np.int32), "runtime_top_p": one(params.top_p, np.float32),
-            "temperature": one(params.temperature, np.float32)}
+        return {"top_k": 1, "top_p": 0.0, "temperature": 1.0}
+    return {"top_k": params.top_k, "top_p": params.top_p, "temperature": params.temperature}
 
 
 def output_token_ids(outputs: dict[str, np.ndarray]) -> list[int]:
@@ -113,29 +103,22 @@ class Entry:
 
     def engine_inputs(self, req: EntryRequest) -> dict[str, np.ndarray]:
         m, p = self.text.manifest, req.params
-        inputs = {
-            "input_ids": np.array([req.prompt_ids], dtype=np.int32),
-            "input_lengths": np.array([[len(req.prompt_ids)]], dtype=np.int32),
-            "request_output_len": np.array([[p.max_tokens]], dtype=np.int32),
-            "end_id": np.array([[m.eos_id if p.end_id is None else p.end_id]], dtype=np.int32),
-            "pad_id": np.array([[m.pad_id if p.pad_id is None else p.pad_id]], dtype=np.int32),
-            "streaming": np.array([[self.engine_streams(req)]]),
-            "exclude_input_in_output": np.array([[True]]),
-            "repetition_penalty": np.array([[p.repetition_penalty]], dtype=np.float32),
-            **engine_sampling(p),
-        }
+        public = {"max_tokens": p.max_tokens, "end_id": m.eos_id if p.end_id is None else p.end_id,
+                  "pad_id": m.pad_id if p.pad_id is None else p.pad_id, "stream": self.engine_streams(req),
+                  "exclude_input_in_output": True, "repetition_penalty": p.repetition_penalty, **engine_sampling(p)}
+        optional = {"min_length": p.min_length, "presence_penalty": p.presence_penalty,
+                    "frequency_penalty": p.frequency_penalty}
+        public.update({k: v for k, v in optional.items() if v})   # off: no tensor (an engine may refuse it)
+        if p.random_seed is not None:
+            public["random_seed"] = p.random_seed
+        inputs = {"input_ids": np.array([req.prompt_ids], dtype=np.int32),
+                  "input_lengths": np.array([[len(req.prompt_ids)]], dtype=np.int32),
+                  **contract.engine_scalars(public)}
         stop_ids = self.text.engine_stop_words(p.end_id, p.stop_words)
         if any(stop_ids):
             inputs["stop_words_list"] = word_list(stop_ids)[None]
         if p.bad_words:
             inputs["bad_words_list"] = self.text.encoder.encode_words(p.bad_words)[None]
-        if p.min_length:
-            inputs["min_length"] = np.array([[p.min_length]], dtype=np.int32)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(p, name):
-                inputs[name] = np.array([[getattr(p, name)]], dtype=np.float32)
-        if p.random_seed is not None:
-            inputs["random_seed"] = np.array([[p.random_seed]], dtype=np.uint64)
         return inputs
 
     def engine_streams(self, req: EntryRequest) -> bool:

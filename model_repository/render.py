@@ -33,8 +33,31 @@ MODELS = ("preprocessing", contract.ENGINE_MODEL, "postprocessing", contract.ENS
 @dataclass
 class RenderOptions:
     max_batch_size: int = 16        # requests batched together by the engine model
-    max_concurrency: int = 64       # requests the `bayling` model serves at once
+    max_concurrency: int = 64       # requests each `bayling` instance serves at once
     cpu_threads: int | None = None  # CTranslate2 threads per batch (None: by engine size; 0: all cores)
+    entry_instances: int | None = None  # `bayling` model processes (None: from the cores, see text_instances_for)
+    text_instances: int | None = None   # `preprocessing` / `postprocessing` processes (None: likewise)
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU limit (a container's)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def text_instances_for(requested: int | None, cores: int) -> int:
+    """Python text processes (each has its own GIL and relay thread). One relays well over 10,000 tokens/s
+    on one core (benchmarks/bench_relay.py), so one per 8 cores, at most 4, is enough for what one GPU
+    generates; more only add memory (each loads the tokenizer)."""
+    if requested is not None:
+        return requested
+    return max(1, min(4, cores // 8))
 
 
 def template_dir() -> Path:
@@ -118,6 +141,9 @@ def render_config(model: str, manifest: EngineManifest, engine_dir: Path, option
     source = template_dir() / name / "config.pbtxt.in"
     values = {k: str(v) for k, v in asdict(options).items()}
     values["cpu_threads"] = str(cpu_threads_for(manifest, options.cpu_threads))
+    cores = available_cores()
+    values["entry_instances"] = str(text_instances_for(options.entry_instances, cores))
+    values["text_instances"] = str(text_instances_for(options.text_instances, cores))
     values.update(engine_dir=str(engine_dir), io=contract.io_blocks(model), ensemble_scheduling=ensemble_scheduling(),
                   model_name=manifest.model_name.replace('"', "'"), engine=manifest.engine, template=manifest.template,
                   max_context=str(manifest.max_context))
@@ -169,10 +195,20 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
                         help=f"requests the bayling model serves at once (default {d.max_concurrency})")
     parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
                         help="CTranslate2 threads per batch (0: all cores; default: 1 for engines under 1 GiB, else all)")
+    parser.add_argument("--entry-instances", type=int, default=d.entry_instances, metavar="N",
+                        help="processes of the bayling model (default: one per 8 cores, 1 to 4)")
+    parser.add_argument("--text-instances", type=int, default=d.text_instances, metavar="N",
+                        help="processes of the ensemble's preprocessing and postprocessing (default: as --entry-instances)")
 
 
 def options_from(args: argparse.Namespace) -> RenderOptions:
-    return RenderOptions(args.max_batch_size, args.max_concurrency, args.cpu_threads)
+    options = RenderOptions(args.max_batch_size, args.max_concurrency, args.cpu_threads, args.entry_instances,
+                            args.text_instances)
+    for name in ("max_batch_size", "max_concurrency", "entry_instances", "text_instances"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise BaylingError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return options
 
 
 def main(args: argparse.Namespace) -> int:

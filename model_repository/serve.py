@@ -15,26 +15,49 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bayling.manifest import read_manifest
 from bayling.paths import cache_dir
-from bayling.model_repository.render import add_render_options, options_from, render_repository
-from bayling.model_repository.server import TritonServer, container_launcher, pytriton_launcher
+from bayling.model_repository.render import RenderOptions, add_render_options, options_from, render_repository
+from bayling.model_repository.server import TritonServer, container_launcher, free_port, pytriton_launcher
+
+
+@dataclass
+class ServeOptions:
+    """What `bayling serve` runs; `bayling demo`, the benchmarks and the tests build one too.
+    A port of 0 means a free port, chosen when the server starts."""
+    engine: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    address: str = "0.0.0.0"
+    run_dir: Path | None = None        # default: under ~/.cache/bayling/run
+    log_file: Path | None = None       # default: the terminal
+    ready_timeout: float = 1800
+    triton_args: list[str] = field(default_factory=list)
+    render: RenderOptions = field(default_factory=RenderOptions)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServeOptions(Path())
     parser.add_argument("--engine", type=Path, required=True, metavar="ENGINE_DIR", help="engine folder from 'bayling build'")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--http-port", type=int, default=d.http_port)
+    parser.add_argument("--grpc-port", type=int, default=d.grpc_port)
+    parser.add_argument("--metrics-port", type=int, default=d.metrics_port)
+    parser.add_argument("--address", default=d.address, help=f"address to listen on (default {d.address})")
     parser.add_argument("--run-dir", type=Path, help="where to render the model repository (default: under ~/.cache/bayling/run)")
     parser.add_argument("--log-file", type=Path, help="write tritonserver's log here instead of the terminal")
-    parser.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for all models to load")
+    parser.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for all models to load")
     parser.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                         help="extra tritonserver flag, repeatable (e.g. --triton-arg=--metrics-config=histogram_latencies=true)")
     add_render_options(parser)
+
+
+def serve_options_from(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(args.engine, args.http_port, args.grpc_port, args.metrics_port, args.address, args.run_dir,
+                        args.log_file, args.ready_timeout, list(args.triton_arg), options_from(args))
 
 
 def gpu_environment(manifest) -> dict[str, str]:
@@ -44,19 +67,20 @@ def gpu_environment(manifest) -> dict[str, str]:
     return {"TRTLLM_ORCHESTRATOR": "1"} if int(manifest.build.get("tp", 1)) > 1 else {}
 
 
-def start_server(engine: Path, args: argparse.Namespace) -> TritonServer:
+def start_server(options: ServeOptions) -> TritonServer:
+    engine = options.engine
     manifest = read_manifest(engine)
-    run_dir = args.run_dir or cache_dir() / "run" / f"{engine.resolve().name}-{args.grpc_port}"
-    repo = render_repository(engine, run_dir / "model_repository", options_from(args))
+    ports = [p or free_port() for p in (options.http_port, options.grpc_port, options.metrics_port)]
+    run_dir = options.run_dir or cache_dir() / "run" / f"{engine.resolve().name}-{ports[1]}"
+    repo = render_repository(engine, run_dir / "model_repository", options.render)
     if manifest.engine == "tensorrt_llm":
         launcher = container_launcher()
         launcher.env.update(gpu_environment(manifest))
     else:
         launcher = pytriton_launcher(cache_dir())
-    server = TritonServer(repo, launcher, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file,
-                          list(getattr(args, "triton_arg", [])))
+    server = TritonServer(repo, launcher, *ports, options.address, options.log_file, list(options.triton_args))
     print(f"starting tritonserver for {manifest.model_name} ({manifest.engine}) ...", file=sys.stderr, flush=True)
-    return server.start(timeout=args.ready_timeout)
+    return server.start(timeout=options.ready_timeout)
 
 
 def endpoints(server: TritonServer) -> str:
@@ -72,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    server = start_server(args.engine, args)
+    server = start_server(serve_options_from(args))
     print(endpoints(server), flush=True)
     try:
         code = server.process.wait()

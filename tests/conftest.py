@@ -107,14 +107,10 @@ class Endpoints:
 
 
 def _start(engine: Path, log_dir: Path):
-    from bayling.model_repository.render import render_repository
-    from bayling.model_repository.server import TritonServer, free_port, pytriton_launcher
-    from bayling.paths import cache_dir
+    from bayling.model_repository.serve import ServeOptions, start_server
 
-    repo = render_repository(engine, log_dir / "model_repository")
-    server = TritonServer(repo, pytriton_launcher(cache_dir()), free_port(), free_port(), free_port(),
-                          address="127.0.0.1", log_file=log_dir / "tritonserver.log")
-    return server.start(timeout=300)
+    return start_server(ServeOptions(engine, 0, 0, 0, address="127.0.0.1", run_dir=log_dir,
+                                     log_file=log_dir / "tritonserver.log", ready_timeout=300))
 
 
 @pytest.fixture(scope="session")

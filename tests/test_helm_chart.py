@@ -678,3 +678,15 @@ def test_the_gateway_and_the_demo_accept_the_rendered_arguments(deployment, modu
     assert args.url == "rel-bayling:8001"
     assert getattr(args, "host", None) == "0.0.0.0" or getattr(args, "address", None) == "0.0.0.0"
     assert args.port == c["ports"][0]["containerPort"]
+
+
+def test_text_model_instances_follow_the_cores_unless_set_and_the_server_accepts_them():
+    default = container(triton(render("gpu-values.yaml"))["spec"]["template"]["spec"], "triton")["args"]
+    assert "--entry-instances" not in default and "--text-instances" not in default   # from the pod's CPU limit
+    sets = ("triton.entryInstances=4", "triton.textInstances=2")
+    c = container(triton(render("gpu-values.yaml", sets=sets))["spec"]["template"]["spec"], "triton")
+    args = _parse_with_the_real_cli("bayling.model_repository.serve", c["args"])
+    assert (args.entry_instances, args.text_instances) == (4, 2)
+    failed = helm("template", "rel", str(CHART), "-f", str(CHART / "ci" / "gpu-values.yaml"),
+                  "--set", "triton.entryInstances=0", check=False)
+    assert failed.returncode != 0 and "entryInstances" in failed.stderr

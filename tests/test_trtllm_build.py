@@ -186,7 +186,7 @@ def commands_for(quant: str, kv: str, tp: int, tmp_path: Path, gpu=80 * gp.GiB, 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_commands_use_only_options_the_pinned_release_defines(quant, kv, tp, tmp_path):
     plan, convert, build = commands_for(quant, kv, tp, tmp_path)
-    assert convert[:2] == ["python3", rel.CONVERT_SCRIPT_CANDIDATES[0]]
+    assert convert[:2] == ["python3", tb.find_convert_script()]
     assert convert[1].endswith("examples/llama/convert_checkpoint.py")
     check_argv(convert[2:], CONVERT_CHECKPOINT_OPTIONS)
     assert build[0] == "trtllm-build"
@@ -398,19 +398,14 @@ def test_dry_run_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch):
 def test_dry_run_without_a_gpu_needs_its_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "detect_gpus", lambda: [])
     model = fake_checkpoint(tmp_path / "m", LLAMA_7B_CONFIG)
-    parser = argparse.ArgumentParser()
-    tb.add_trtllm_arguments(parser)
-    args = parser.parse_args(["--dry-run"])
     with pytest.raises(BaylingError, match="--gpu-memory"):
-        tb.run_trtllm_build(args, model_dir=model, output=tmp_path / "out")
+        tb.run_trtllm_build(tb.TrtllmBuild(model, tmp_path / "out", dry_run=True))
 
 
 def test_dry_run_plans_for_the_gpu_nvidia_smi_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tb, "detect_gpus", lambda: [("NVIDIA L4", 23034 * gp.MiB)])
     model = fake_checkpoint(tmp_path / "bayling-7b", LLAMA_7B_CONFIG)
-    parser = argparse.ArgumentParser()
-    tb.add_trtllm_arguments(parser)
-    record = tb.run_trtllm_build(parser.parse_args(["--dry-run"]), model_dir=model, output=tmp_path / "out")
+    record = tb.run_trtllm_build(tb.TrtllmBuild(model, tmp_path / "out", dry_run=True))
     assert record["plan"]["gpu_memory"] == 23034 * gp.MiB
     assert "22.49 GiB per GPU" in capsys.readouterr().out
 
@@ -421,6 +416,58 @@ def test_add_trtllm_arguments_leaves_an_existing_max_context_alone():
     tb.add_trtllm_arguments(parser.add_argument_group("trtllm"))      # no argparse conflict
     args = parser.parse_args(["--max-context", "1024", "--quant", "int8-sq", "--kv-cache", "int8", "--tp", "2"])
     assert (args.max_context, args.quant, args.kv_cache, args.tp) == (1024, "int8-sq", "int8", 2)
+
+
+def bayling_build_args(argv: list[str]) -> argparse.Namespace:
+    """`argv` parsed by the real `bayling build` parser."""
+    from bayling.build_engine import build
+
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_the_parser_defaults_are_the_dataclass_defaults(tmp_path):
+    parser = argparse.ArgumentParser()
+    tb.add_trtllm_arguments(parser)
+    parsed = vars(parser.parse_args([]))
+    defaults = tb.TrtllmOptions()
+    flagged = {"quant", "kv_cache", "tp", "smoothquant_alpha", "calib_max_seq_length", "convert_script"}
+    assert flagged <= set(parsed)
+    assert {k: parsed[k] for k in flagged} == {k: getattr(defaults, k) for k in flagged}
+    # and through the whole `bayling build` parser: no option given is the dataclasses' defaults
+    model, out = tmp_path / "m", tmp_path / "out"
+    args = bayling_build_args(["--target", "trtllm", "--model", str(model), "--output", str(out)])
+    built = tb.trtllm_build_from_args(args, model_dir=args.model, output=args.output, name=args.name)
+    assert built == tb.TrtllmBuild(model, out) and built.options == defaults
+
+
+def test_the_cli_arguments_become_the_build(tmp_path):
+    args = bayling_build_args(["--target", "trtllm", "--model", str(tmp_path), "--output", str(tmp_path / "out"),
+                               "--name", "BayLing-7B", "--template", "bayling", "--max-context", "1024", "--force",
+                               "--quant", "int8-sq", "--kv-cache", "int8", "--tp", "2", "--smoothquant-alpha", "0.8",
+                               "--calib-max-seq-length", "256", "--convert-script", "/x/convert_checkpoint.py",
+                               "--calib-prompts", "p.jsonl", "--gpu-memory", "24GiB", "--dry-run", "--force-version"])
+    built = tb.trtllm_build_from_args(args, model_dir=args.model, output=args.output, name=args.name)
+    assert built == tb.TrtllmBuild(
+        tmp_path, tmp_path / "out", name="BayLing-7B", max_context=1024, template_choice="bayling",
+        calib_prompts=Path("p.jsonl"), gpu_memory=24 * gp.GiB, dry_run=True, force=True, force_version=True,
+        options=tb.TrtllmOptions(quant="int8-sq", kv_cache="int8", tp=2, smoothquant_alpha=0.8,
+                                 calib_max_seq_length=256, convert_script="/x/convert_checkpoint.py"))
+
+
+def test_the_converter_defaults_to_the_one_found_here(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRTLLM_EXAMPLES_DIR", raising=False)
+    if not any(Path(c).is_file() for c in rel.CONVERT_SCRIPT_CANDIDATES):
+        assert tb.TrtllmOptions().convert_script == rel.CONVERT_SCRIPT_CANDIDATES[0]
+    script = tmp_path / "llama" / "convert_checkpoint.py"
+    script.parent.mkdir()
+    script.write_text("", encoding="utf-8")
+    monkeypatch.setenv("TRTLLM_EXAMPLES_DIR", str(tmp_path))
+    assert tb.TrtllmOptions().convert_script == str(script)
+    parser = argparse.ArgumentParser()
+    tb.add_trtllm_arguments(parser)
+    assert parser.parse_args([]).convert_script == str(script)
 
 
 # ------------------------------------------------------------------------------ the GPU config
@@ -566,13 +613,11 @@ def test_a_build_with_stand_ins_for_tensorrt_llm_writes_a_complete_engine_folder
     monkeypatch.setattr(tb, "detect_gpus", lambda: [("NVIDIA A100-SXM4-40GB", 40 * gp.GiB)])
     monkeypatch.setattr(tb.TrtllmOptions, "python", sys.executable)
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--template", default="auto")
-    parser.add_argument("--force", action="store_true")
-    tb.add_trtllm_arguments(parser)
-    args = parser.parse_args(["--quant", "int8-sq", "--convert-script", str(convert)])
     out = tmp_path / "engines" / "bayling-7b-sq"
-    record = tb.run_trtllm_build(args, model_dir=model, output=out, name="BayLing-7B")
+    args = bayling_build_args(["--target", "trtllm", "--model", str(model), "--output", str(out), "--name", "BayLing-7B",
+                               "--quant", "int8-sq", "--convert-script", str(convert)])
+    record = tb.run_trtllm_build(tb.trtllm_build_from_args(args, model_dir=args.model, output=args.output,
+                                                           name=args.name))
 
     assert sorted(p.name for p in (out / "trtllm").iterdir()) == ["config.json", "rank0.engine"]
     assert not (out / tb.WORK_DIR).exists()                              # checkpoint and calibration set removed
@@ -597,12 +642,10 @@ def test_a_failing_step_leaves_no_engine_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(rel, "installed_version", lambda: "0.17.0.post1")
     monkeypatch.setattr(tb, "detect_gpus", lambda: [("NVIDIA L4", 24 * gp.GiB)])
     monkeypatch.setattr(tb.TrtllmOptions, "python", sys.executable)
-    parser = argparse.ArgumentParser()
-    tb.add_trtllm_arguments(parser)
-    args = parser.parse_args(["--convert-script", str(convert)])
     out = tmp_path / "engines" / "e"
+    build = tb.TrtllmBuild(model, out, options=tb.TrtllmOptions(convert_script=str(convert)))
     with pytest.raises(BaylingError, match="checkpoint conversion failed .exit 3.: CUDA error: out of memory"):
-        tb.run_trtllm_build(args, model_dir=model, output=out)
+        tb.run_trtllm_build(build)
     assert not out.exists() and list((tmp_path / "engines").iterdir()) == []
 
 
@@ -610,25 +653,21 @@ def test_a_real_build_here_refuses_before_touching_the_output(tmp_path, monkeypa
     monkeypatch.setattr(rel, "installed_version", lambda: None)
     monkeypatch.setattr(tb, "detect_gpus", lambda: [])
     model = fake_checkpoint(tmp_path / "bayling-7b", LLAMA_7B_CONFIG)
-    parser = argparse.ArgumentParser()
-    tb.add_trtllm_arguments(parser)
     with pytest.raises(BaylingError, match="not installed here"):
-        tb.run_trtllm_build(parser.parse_args(["--gpu-memory", "24GiB"]), model_dir=model, output=tmp_path / "out")
+        tb.run_trtllm_build(tb.TrtllmBuild(model, tmp_path / "out", gpu_memory=24 * gp.GiB))
     assert not (tmp_path / "out").exists()
 
 
 def test_a_model_that_is_not_bayling_calibrates_with_its_own_chat_template(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tb, "detect_gpus", lambda: [])
     model = fake_checkpoint(tmp_path / "llama-2-7b-chat", LLAMA_7B_CONFIG)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--template", default="auto")
-    tb.add_trtllm_arguments(parser)
-    args = parser.parse_args(["--quant", "int8-sq", "--gpu-memory", "24GiB", "--dry-run"])
+    build = tb.TrtllmBuild(model, tmp_path / "out", gpu_memory=24 * gp.GiB, dry_run=True,
+                           options=tb.TrtllmOptions(quant="int8-sq"))
     with pytest.raises(BaylingError, match="no chat_template"):
-        tb.run_trtllm_build(args, model_dir=model, output=tmp_path / "out")
+        tb.run_trtllm_build(build)
     (model / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}",
                                                encoding="utf-8")
-    record = tb.run_trtllm_build(args, model_dir=model, output=tmp_path / "out")
+    record = tb.run_trtllm_build(build)
     assert record["calibration"]["template"] == "hf"
     assert "through the hf template" in capsys.readouterr().out
     calib = tb.render_calibration_set(tb.default_calib_prompts(), tb._resolve_template("auto", model, LLAMA_7B_CONFIG, "x"),
