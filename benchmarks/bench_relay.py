@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -377,15 +378,22 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=16, help="requests per level at least (default 16)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="a `bayling serve` option for the server, repeatable (e.g. --serve-arg=--entry-instances=2)")
+    parser.add_argument("--url", help="measure this running server (gRPC host:port) instead of starting one")
+    parser.add_argument("--server-pid", type=int, help="with --url: the tritonserver process, for its CPU time")
+    parser.add_argument("--openai-url", help="with --url: a running gateway (http://host:port)")
+    parser.add_argument("--gateway-pid", type=int, help="with --openai-url: the gateway process")
     parser.add_argument("--json", dest="json_path", help="also write the rows here")
     args = parser.parse_args()
     names = [p for p in args.paths.split(",") if p]
     unknown = set(names) - set(PATHS)
     if unknown:
         raise SystemExit(f"bench_relay: unknown path(s): {', '.join(sorted(unknown))}")
+    if args.url and not args.server_pid:
+        raise SystemExit("bench_relay: --url needs --server-pid (the server's CPU time is what is measured)")
+    if "openai-stream" in names and args.url and not (args.openai_url and args.gateway_pid):
+        raise SystemExit("bench_relay: with --url, the openai-stream path needs --openai-url and --gateway-pid")
     levels = [int(s) for s in args.streams.split(",")]
 
-    from bayling.client.bench import start_gateway
     from bayling.model_repository.engine_text import load_engine_text
 
     engine = engine_dir(args.engine)
@@ -397,39 +405,59 @@ def main() -> None:
     print("CTranslate2 in-process (the engine alone): "
           + ", ".join(f"batch {b}: {v:,.0f} tokens/s" for b, v in ceiling.items()), flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        server, options = start_server(engine, Path(tmp), args.serve_arg)
-        gateway = None
+    def report(row: Row) -> None:
+        print("  ".join(f"{c}: {v}" for c, v in zip(COLUMNS, row.cells())), flush=True)
+
+    async def go(target: Target):
+        paths = Paths(target.grpc_url, target.gateway_url, prompt_ids, args.tokens)
         try:
-            base = None
-            if "openai-stream" in names:
-                gateway, base = start_gateway(server.grpc_url)
-
-            def report(row: Row) -> None:
-                print("  ".join(f"{c}: {v}" for c, v in zip(COLUMNS, row.cells())), flush=True)
-
-            async def go():
-                paths = Paths(server.grpc_url, base, prompt_ids, args.tokens)
-                try:
-                    return await measure(paths, names, levels, args.per_stream, args.min_requests, server.process.pid,
-                                         gateway.pid if gateway else None, report)
-                finally:
-                    await paths.close()
-
-            rows = asyncio.run(go())
+            return await measure(paths, names, levels, args.per_stream, args.min_requests, target.server_pid,
+                                 target.gateway_pid, report)
         finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(30)
-            server.stop()
-    print(f"\nserver: {options}")
+            await paths.close()
+
+    with serving(args, engine, "openai-stream" in names) as target:
+        rows = asyncio.run(go(target))
+    print(f"\nserver: {target.description}")
     print(markdown(rows))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({
-            "engine": str(engine), "tokens": args.tokens, "cores": os.cpu_count(), "server": asdict(options),
+            "engine": str(engine), "tokens": args.tokens, "cores": os.cpu_count(), "server": target.description,
             "in_process_tokens_per_s": ceiling,
             "rows": [{**asdict(row), "tokens_per_s": row.tokens_per_s, "server_us_per_token": row.server_us_per_token,
                       "gateway_us_per_token": row.gateway_us_per_token} for row in rows]}, indent=2))
+
+
+@dataclass
+class Target:
+    grpc_url: str
+    server_pid: int
+    gateway_url: str | None
+    gateway_pid: int | None
+    description: str
+
+
+@contextmanager
+def serving(args: argparse.Namespace, engine: Path, gateway: bool):
+    """The server to measure: the one given with --url, or a fresh one (and a gateway) on `engine`."""
+    if args.url:
+        yield Target(args.url, args.server_pid, args.openai_url, args.gateway_pid, f"running at {args.url}")
+        return
+    from bayling.client.bench import start_gateway
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server, options = start_server(engine, Path(tmp), args.serve_arg)
+        process = None
+        try:
+            base = None
+            if gateway:
+                process, base = start_gateway(server.grpc_url)
+            yield Target(server.grpc_url, server.process.pid, base, process.pid if process else None, str(options))
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+            server.stop()
 
 
 def start_server(engine: Path, tmp: Path, serve_args: list[str]):

@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from bayling.errors import BaylingError, InvalidInput
-from bayling.params import PARAM_NAMES, validate
+from bayling.params import validate
 
 HELP = __doc__.split("\n\n")[1].split("\nexamples:")[0]
 PROMPT = "[bold green]You[/]> "
@@ -42,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per answer (default 600)")
 
 
+CLI_PARAMS = ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "random_seed", "stop_words")
+
+
 def params_from_args(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in PARAM_NAMES if getattr(args, name, None) is not None}
+    """The generation parameters given on the command line (those add_arguments defines)."""
+    return {name: getattr(args, name) for name in CLI_PARAMS if getattr(args, name) is not None}
 
 
 def main(args: argparse.Namespace) -> int:
