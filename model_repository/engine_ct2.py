@@ -105,7 +105,7 @@ class Ct2Engine:
 
     def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, inter_threads: int = 1,
                  compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096,
-                 cancel_poll_s: float = 0.05):
+                 cancel_poll_s: float = 0.05, one_token_per_response: bool = False):
         import json
         from pathlib import Path
 
@@ -121,6 +121,7 @@ class Ct2Engine:
         self.gather_max_s = max(self.gather_s, 0.02)  # ... or this long after the first one waited
         self._last_arrival = 0.0
         self.join_budget = join_budget
+        self.one_token_per_response = one_token_per_response   # as TensorRT-LLM streams (benchmarks use it)
         self.restarts = 0
         self.reloads = 0    # generators created for seeded sampling
         self._arrivals = 0  # submissions so far: a cheap "anything new?" check from the callback
@@ -317,8 +318,14 @@ class Ct2Engine:
         return any(len(w) <= len(generated) and generated[-len(w):] == w for w in active.request.stop_words)
 
     def _deliver(self, active: _Active, start: int, end: int, final: bool) -> None:
-        """In the relay thread: one response with the tokens [start, end)."""
+        """In the relay thread: one response with the tokens [start, end) (or one per token)."""
         try:
+            if self.one_token_per_response and active.request.streaming:
+                for i in range(start, end - 1 if final else end):
+                    active.sink(Emission(active.generated[i:i + 1], active.log_probs[i:i + 1], False))
+                start = max(start, end - 1) if final else end
+                if not final:
+                    return
             active.sink(Emission(active.generated[start:end], active.log_probs[start:end], final,
                                  active.error if final else None))
         except Exception:  # typically the client went away: stop generating for it (the relay closes it)

@@ -37,6 +37,7 @@ class RenderOptions:
     cpu_threads: int | None = None  # CTranslate2 threads per batch (None: by engine size; 0: all cores)
     entry_instances: int | None = None  # `bayling` model processes (None: from the cores, see text_instances_for)
     text_instances: int | None = None   # `preprocessing` / `postprocessing` processes (None: likewise)
+    one_token_per_response: bool = False  # CPU engine: stream each token alone, as TensorRT-LLM does
 
 
 def available_cores() -> int:
@@ -141,6 +142,7 @@ def render_config(model: str, manifest: EngineManifest, engine_dir: Path, option
     source = template_dir() / name / "config.pbtxt.in"
     values = {k: str(v) for k, v in asdict(options).items()}
     values["cpu_threads"] = str(cpu_threads_for(manifest, options.cpu_threads))
+    values["one_token_per_response"] = "true" if options.one_token_per_response else "false"
     cores = available_cores()
     values["entry_instances"] = str(text_instances_for(options.entry_instances, cores))
     values["text_instances"] = str(text_instances_for(options.text_instances, cores))
@@ -199,11 +201,14 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
                         help="processes of the bayling model (default: one per 8 cores, 1 to 4)")
     parser.add_argument("--text-instances", type=int, default=d.text_instances, metavar="N",
                         help="processes of the ensemble's preprocessing and postprocessing (default: as --entry-instances)")
+    parser.add_argument("--one-token-per-response", action="store_true",
+                        help="the CPU engine streams each token in its own response, as TensorRT-LLM does (default: "
+                             "the tokens made while a response was being sent leave together)")
 
 
 def options_from(args: argparse.Namespace) -> RenderOptions:
     options = RenderOptions(args.max_batch_size, args.max_concurrency, args.cpu_threads, args.entry_instances,
-                            args.text_instances)
+                            args.text_instances, args.one_token_per_response)
     for name in ("max_batch_size", "max_concurrency", "entry_instances", "text_instances"):
         value = getattr(options, name)
         if value is not None and value < 1:

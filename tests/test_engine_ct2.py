@@ -179,3 +179,25 @@ def test_a_request_joins_a_running_batch_instead_of_waiting(default_engine, smol
     finally:
         engine.shutdown()
         del engine.generator
+
+
+def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    engine = Ct2Engine(str(scripted_engine / ENGINE_SUBDIRS["ctranslate2"]), one_token_per_response=True)
+    out, first = Collector(), threading.Event()
+
+    def slow(emission):
+        if not out.emissions:
+            first.wait(10)
+        out(emission)
+
+    try:
+        engine.submit(greedy(prompt, streaming=True), slow)
+        time.sleep(0.5)               # tokens pile up behind the slow first send ...
+        first.set()
+        out.wait()
+    finally:
+        engine.shutdown()
+        del engine.generator
+    assert out.tokens == script
+    assert all(len(e.token_ids) <= 1 for e in out.emissions)   # ... and still leave one by one

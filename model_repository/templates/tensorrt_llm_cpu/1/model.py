@@ -19,7 +19,8 @@ class TritonPythonModel:
         params = io.model_parameters(args)
         self.engine = Ct2Engine(str(Path(params["engine_dir"]) / ENGINE_SUBDIRS["ctranslate2"]),
                                 max_batch_size=int(params["max_batch_size"]),
-                                intra_threads=int(params["intra_threads"]))
+                                intra_threads=int(params["intra_threads"]),
+                                one_token_per_response=params["one_token_per_response"] == "true")
         self.exclude_input = params["exclude_input_in_output"] == "true"
         # A metric lives only as long as its family: keep the family referenced.
         self.tokens_family = pb_utils.MetricFamily(name="bayling_engine_generated_tokens_total",
