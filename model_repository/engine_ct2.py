@@ -99,6 +99,12 @@ class _Active:
         return self.stop_requested or self.box.cancelled
 
 
+def seed32(seed: int) -> int:
+    """TensorRT-LLM's seeds are 64-bit, CTranslate2's 32-bit: fold the halves together, so that every
+    seed works and equal seeds sample alike (2**40 -> 256)."""
+    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
+
+
 class Ct2Engine:
     """`compute_type="default"` runs an engine in the type it was built with (INT8 for `bayling build`'s
     default, float32 for a `--quantization float32` reference build)."""
@@ -145,6 +151,8 @@ class Ct2Engine:
             raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
         if request.max_new_tokens < 1:
             raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
+        if request.top_k > vocab:
+            raise InvalidInput("runtime_top_k", f"must be at most the vocabulary size {vocab}, got {request.top_k}")
         if request.end_id is not None and not NO_END_ID <= request.end_id < vocab:
             raise InvalidInput("end_id", f"must be a token id below {vocab}, or {NO_END_ID} (no end token), "
                                          f"got {request.end_id}")
@@ -230,8 +238,8 @@ class Ct2Engine:
         """Replace the generator by one whose worker starts from `seed` (see the module docstring).
         The old one is released first, so the engine is never in memory twice."""
         self.generator = None
-        self._ct2.set_random_seed(seed)
         try:
+            self._ct2.set_random_seed(seed32(seed))
             self.generator = self._ct2.Generator(**self._generator_options)
         finally:
             if self.generator is None:  # the load failed: try once more, so that the engine keeps serving

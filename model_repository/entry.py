@@ -75,10 +75,13 @@ class Entry:
             for name in ("presence_penalty", "frequency_penalty"):
                 if getattr(params, name):
                     raise InvalidInput(name, "is not supported by the CPU engine (CTranslate2); leave it at 0")
+        vocab = self.text.manifest.vocab_size
         for name in ("end_id", "pad_id"):
             token = getattr(params, name)
-            if token is not None and token >= self.text.manifest.vocab_size:
-                raise InvalidInput(name, f"must be below the vocabulary size {self.text.manifest.vocab_size}, got {token}")
+            if token is not None and token >= vocab:
+                raise InvalidInput(name, f"must be below the vocabulary size {vocab}, got {token}")
+        if params.top_k > vocab:
+            raise InvalidInput("top_k", f"must be at most the vocabulary size {vocab}, got {params.top_k}")
         raw_messages = inputs.get("messages")
         prompt_text = text(inputs, "text_input")
         if raw_messages is not None and prompt_text is not None:

@@ -141,6 +141,7 @@ BAD_INPUTS = [
     (chat("hi", top_p=0.0), "top_p"),
     (chat("hi", top_p=1.5), "top_p"),
     (chat("hi " * 9000, max_tokens=16), "messages"),
+    (chat("hi", top_k=10**6, temperature=1.0), "top_k"),        # above the vocabulary: CTranslate2 failed INTERNAL
 ]
 
 
@@ -264,3 +265,15 @@ def test_sixty_four_streams_at_once_get_exact_answers_and_finish_reasons(scripte
         assert final_value(streamed, "completion_tokens") == final_value(whole, "completion_tokens"), name
     no_end = [r for r in results.values() if r[0] == "no end id"]
     assert all(final_value(s, "completion_tokens") == 120 for _, s, _ in no_end)
+
+
+def test_a_64_bit_seed_samples_reproducibly_and_breaks_nothing(default_server):
+    """TensorRT-LLM's random_seed is UINT64; CTranslate2's is 32-bit (a seed >= 2**32 used to leave the CPU
+    engine without a generator, failing every later request)."""
+    request = chat("Write a line about the sea.", max_tokens=12, temperature=1.0, random_seed=2**40)
+    first, again = grpc_stream(default_server.grpc, request), grpc_stream(default_server.grpc, request)
+    assert first.error is None and again.error is None and first.text == again.text
+    top = grpc_stream(default_server.grpc, {**request, "random_seed": 2**64 - 1})
+    assert top.error is None and top.text
+    ok = grpc_stream(default_server.grpc, chat("Say hi.", max_tokens=4, **GREEDY))
+    assert ok.error is None and ok.text
