@@ -61,7 +61,8 @@ from bayling.sizes import format_bytes
 from .checkpoint import CheckpointReader, natural_key
 from .merge_check import BaseCheck, CheckFailed, recorded_fingerprints
 from .merge_pipeline import journal_write, json_bytes, run_pipeline
-from .merge_plan import FORMAT, INDEX, JOURNAL, MANIFEST, SAMPLE, SIDE_FILES, Options, Plan, make_plan, other_role
+from .merge_plan import (FORMAT, INDEX, JOURNAL, MANIFEST, SAMPLE, SIDE_FILES, Options, Plan, make_plan, other_role,
+                         tmp_name)
 
 HASH_BLOCK = 16 * 1024 * 1024
 
@@ -98,8 +99,14 @@ def _our_files(out: Path, plan: Plan | None) -> list[Path]:
     names.update(SIDE_FILES)
     paths = []
     for n in names:
-        paths += [out / n, out / (n + ".tmp")]
+        paths += [out / n, out / tmp_name(n)]
     return paths
+
+
+def _our_tmp_files(out: Path, plan: Plan) -> list[Path]:
+    """Temporary files a killed run of this plan can leave in ``out``: partial copies of our own output."""
+    names = [MANIFEST, JOURNAL, INDEX, *SIDE_FILES, *(s.name for s in plan.shards)]
+    return [out / tmp_name(n) for n in names]
 
 
 def _remove(paths: list[Path]) -> None:
@@ -193,6 +200,9 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
                 raise BaylingError(f"--output {out} exists and is not a folder")
             man = _load_json(out / MANIFEST)
             jour = _load_json(out / JOURNAL)
+            # A kill mid-write leaves a temporary file (the very first journal write leaves only that): ours, not
+            # "other files", and removed below once the folder is judged ours.
+            leftovers = _our_tmp_files(out, plan)
             if man is not None and man.get("plan_id") == plan.plan_id:
                 done = {s: man["files"][s] | {"tensors": {n: man["tensors"][n]["stats"] for n in man["tensors"]
                                                           if man["tensors"][n]["shard"] == s and
@@ -201,7 +211,7 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
                 result.already_complete = True
             elif jour is not None and jour.get("plan_id") == plan.plan_id:
                 done = dict(jour.get("done", {}))
-            elif any(out.iterdir()):
+            elif any(p not in leftovers for p in out.iterdir()):
                 if not opts.force:
                     what = ("a finished merge of other inputs" if man is not None else
                             "an interrupted merge of other inputs" if jour is not None else "other files")
@@ -209,6 +219,7 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
                                        "to replace the model files in it")
                 _remove(_our_files(out, plan) + [out / p.name for p in out.glob("*.bin")]
                         + [out / p.name for p in out.glob("*.safetensors")])
+            _remove(leftovers)
 
         # Keep only finished shards that are really intact.
         if done:
@@ -246,8 +257,6 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
         if not out.exists():
             out.mkdir(parents=True)
             created = True
-        for s in todo:
-            _remove([out / (s.name + ".tmp")])
         journal_write(out, plan, done)
         result.resumed_shards = len(done)
         if done:
@@ -321,7 +330,7 @@ def _run_locked(mode: str, base_dir: Path, other_dir: Path, out: Path, opts: Opt
         raise
     except BaseException:
         if out.exists() and plan is not None:
-            _remove([out / (s.name + ".tmp") for s in plan.shards])
+            _remove([out / tmp_name(s.name) for s in plan.shards])
             if created and not any(p for p in out.iterdir() if p.name != JOURNAL):
                 _remove([out / JOURNAL])
                 try:

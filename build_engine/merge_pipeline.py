@@ -19,7 +19,7 @@ from bayling.files import fsync_dir, write_atomically
 
 from .checkpoint import CheckpointReader
 from .merge_check import BaseCheck, sample_step, tensor_stats
-from .merge_plan import FORMAT, JOURNAL, Plan, PlannedShard, PlannedTensor
+from .merge_plan import FORMAT, JOURNAL, Plan, PlannedShard, PlannedTensor, tmp_name
 
 POOL_BUFFERS = 10                # chunk buffers in flight between reader, adder, hasher and writer
 
@@ -213,7 +213,7 @@ def run_pipeline(plan: Plan, todo: list[PlannedShard], base: CheckpointReader, o
                     return
                 shard, t = item.shard, item.tensor
                 if fd is None:
-                    tmp = out / (shard.name + ".tmp")
+                    tmp = out / tmp_name(shard.name)
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     _write_all(fd, memoryview(shard.header))
                     pos = len(shard.header)

@@ -34,6 +34,12 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "token
               "chat_template.jinja", "tokenizer.model.v3", "preprocessor_config.json")
 
 
+def tmp_name(name: str) -> str:
+    """The name an output file is written under until its rename: the shard writer's, and
+    bayling.files.write_atomically's (journal, index, manifest, config and tokenizer files)."""
+    return name + ".tmp"
+
+
 @dataclass
 class Options:
     max_shard_size: int = DEFAULT_MAX_SHARD

@@ -460,3 +460,62 @@ def test_mode_arguments_are_checked(model, tmp_path, capsys):
     assert "--delta does not belong to this mode" in capsys.readouterr().err
     assert run_cli("--base", model["base"], "--delta", model["delta"], "--output", model["delta"]) == 1
     assert "is the delta folder" in capsys.readouterr().err
+
+
+# Runs `bayling merge ARGS...` and SIGKILLs it at the rename of the Nth file written under NAME, so the file is
+# left exactly as the real writer leaves it mid-write: complete under its temporary name, not yet renamed.
+_KILL_AT_RENAME = """
+import os, signal, sys
+from pathlib import Path
+name, nth, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+real, seen = os.replace, [0]
+def replace(src, dst, *a, **k):
+    if Path(dst).name == name:
+        seen[0] += 1
+        if seen[0] == nth:
+            print(Path(src).name, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+os.replace = replace
+from bayling.cli import main
+sys.exit(main(["merge", *args]))
+"""
+
+
+@pytest.mark.parametrize("name,nth,left", [
+    (JOURNAL, 1, set()),                                        # the very first journal write: nothing else yet
+    (JOURNAL, 2, {JOURNAL, "model-00001-of-00003.safetensors"}),  # a journal update, beside the previous journal
+    ("model-00001-of-00003.safetensors", 1, {JOURNAL}),         # a shard, beside the journal
+    (MANIFEST, 1, None),                                        # the manifest, beside everything else
+])
+def test_kill_at_any_atomic_write_resumes_to_identical_bytes(model, tmp_path, name, nth, left):
+    ref = tmp_path / "ref"
+    merge(model["base"], model["delta"], ref, Options(max_shard_size=100_000))
+    assert len(list(ref.glob("model-*.safetensors"))) == 3
+    out = tmp_path / "out"
+    args = ["--base", str(model["base"]), "--delta", str(model["delta"]), "--output", str(out),
+            "--max-shard-size", "100KB"]
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_RENAME, name, str(nth), *args], cwd=REPO,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    tmp = killed.stdout.strip()
+    assert tmp and tmp != name and (out / tmp).is_file()
+    names = {p.name for p in out.iterdir()}
+    assert names - {tmp} == (left if left is not None else (set(files_of(ref)) - {MANIFEST}) | {JOURNAL})
+
+    assert run_cli(*args) == 0
+    assert files_of(out) == files_of(ref)
+    assert verify(out)["leftovers"] == []
+
+
+def test_leftover_temporary_file_does_not_hide_someone_elses_files(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--base", model["base"], "--delta", model["delta"], "--output", out]
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_RENAME, JOURNAL, "1", *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (out / "notes.txt").write_text("mine")
+    before = files_of(out)
+    assert run_cli(*args) == 1
+    assert "already holds other files" in capsys.readouterr().err
+    assert files_of(out) == before
