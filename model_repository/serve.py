@@ -18,8 +18,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bayling.errors import BaylingError
 from bayling.manifest import read_manifest
 from bayling.paths import cache_dir
+from bayling.model_repository.front import DEFAULT_MAX_REQUEST_BYTES
 from bayling.model_repository.render import RenderOptions, add_render_options, options_from, render_repository
 from bayling.model_repository.server import TritonServer, container_launcher, free_port, pytriton_launcher
 
@@ -32,11 +34,12 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    address: str = "0.0.0.0"
+    address: str = "127.0.0.1"          # where clients connect: 0.0.0.0 in a container or to serve a network
     run_dir: Path | None = None        # default: under ~/.cache/bayling/run
     log_file: Path | None = None       # default: the terminal
     ready_timeout: float = 1800
     triton_args: list[str] = field(default_factory=list)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # HTTP bodies above this are refused (413)
     render: RenderOptions = field(default_factory=RenderOptions)
 
 
@@ -52,12 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for all models to load")
     parser.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                         help="extra tritonserver flag, repeatable (e.g. --triton-arg=--metrics-config=histogram_latencies=true)")
+    parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, metavar="N",
+                        help=f"largest HTTP request body accepted (default {d.max_request_bytes}); larger ones get 413")
     add_render_options(parser)
 
 
 def serve_options_from(args: argparse.Namespace) -> ServeOptions:
+    if args.max_request_bytes < 1024:
+        raise BaylingError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     return ServeOptions(args.engine, args.http_port, args.grpc_port, args.metrics_port, args.address, args.run_dir,
-                        args.log_file, args.ready_timeout, list(args.triton_arg), options_from(args))
+                        args.log_file, args.ready_timeout, list(args.triton_arg), args.max_request_bytes,
+                        options_from(args))
 
 
 def gpu_environment(manifest) -> dict[str, str]:
@@ -78,7 +86,8 @@ def start_server(options: ServeOptions) -> TritonServer:
         launcher.env.update(gpu_environment(manifest))
     else:
         launcher = pytriton_launcher(cache_dir())
-    server = TritonServer(repo, launcher, *ports, options.address, options.log_file, list(options.triton_args))
+    server = TritonServer(repo, launcher, *ports, options.address, options.log_file, list(options.triton_args),
+                          options.max_request_bytes)
     print(f"starting tritonserver for {manifest.model_name} ({manifest.engine}) ...", file=sys.stderr, flush=True)
     return server.start(timeout=options.ready_timeout)
 

@@ -19,8 +19,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bayling.errors import BaylingError
+from bayling.model_repository.front import DEFAULT_MAX_REQUEST_BYTES, Front, FrontOptions
 
 
 @dataclass
@@ -95,8 +97,14 @@ def _die_with_parent() -> None:
         pass
 
 
+def always_healthy() -> tuple[bool, bool, str]:
+    return True, True, ""
+
+
 @dataclass
 class TritonServer:
+    """tritonserver, with its HTTP endpoint behind the front (`bayling.model_repository.front`): Triton's
+    own HTTP listens on a loopback port, the front on `address:http_port`."""
     repository: Path
     launcher: Launcher
     http_port: int = 8000
@@ -105,7 +113,11 @@ class TritonServer:
     address: str = "0.0.0.0"
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    health: Callable[[], tuple[bool, bool, str]] = always_healthy   # (ready, live, why not), for the front
     process: subprocess.Popen | None = None
+    triton_http_port: int = 0          # Triton's own HTTP port on loopback (chosen at start)
+    front: Front | None = None
 
     @property
     def http_url(self) -> str:
@@ -125,14 +137,15 @@ class TritonServer:
 
     def command(self) -> list[str]:
         cmd = [str(self.launcher.binary), f"--model-repository={self.repository}",
-               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-               f"--http-address={self.address}", f"--grpc-address={self.address}",
+               f"--http-port={self.triton_http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+               "--http-address=127.0.0.1", f"--grpc-address={self.address}", f"--metrics-address={self.address}",
                "--allow-metrics=true", "--strict-readiness=true", "--exit-timeout-secs=15"]
         if self.launcher.backend_dir is not None:
             cmd += [f"--backend-directory={self.launcher.backend_dir}", "--allow-gpu-metrics=false"]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 600) -> "TritonServer":
+        self.triton_http_port = self.triton_http_port or free_port()
         out = open(self.log_file, "ab") if self.log_file else None
         self.process = subprocess.Popen(self.command(), env=self.launcher.env, stdout=out, stderr=subprocess.STDOUT if out else None,
                                         start_new_session=True, preexec_fn=_die_with_parent)
@@ -144,6 +157,12 @@ class TritonServer:
                 raise BaylingError(f"tritonserver exited with code {self.process.returncode} while loading"
                                    + (f"; see {self.log_file}" if self.log_file else ""))
             if self.ready():
+                try:
+                    self.front = Front(FrontOptions(self.address, self.http_port, f"127.0.0.1:{self.triton_http_port}",
+                                                    self.max_request_bytes), lambda: self.health()).start()
+                except BaylingError:
+                    self.stop()
+                    raise
                 return self
             time.sleep(0.5)
         self.stop()
@@ -151,13 +170,16 @@ class TritonServer:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.triton_http_port}/v2/health/ready", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
     def stop(self, timeout: float = 30) -> int | None:
         """Graceful: SIGINT lets Triton finish in-flight requests; then SIGKILL."""
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
         p = self.process
         if p is None or p.poll() is not None:
             return p.returncode if p else None

@@ -277,3 +277,43 @@ def test_a_64_bit_seed_samples_reproducibly_and_breaks_nothing(default_server):
     assert top.error is None and top.text
     ok = grpc_stream(default_server.grpc, chat("Say hi.", max_tokens=4, **GREEDY))
     assert ok.error is None and ok.text
+
+
+def post_raw(url: str, path: str, data: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{url}{path}", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_huge_form_body_is_refused_and_the_server_keeps_serving(default_server):
+    """curl -d sends form encoding: a body of about 4.19 MB of it made tritonserver 2.51 segfault."""
+    status, body = post_raw(default_server.http, "/v2/models/bayling/generate", b"a" * 4_300_000,
+                            "application/x-www-form-urlencoded")
+    assert status == 413 and body["error"].startswith("request body:")
+    status, body = http_generate(default_server.http, chat("Say hi.", max_tokens=4, **GREEDY))
+    assert status == 200 and body["text_output"]
+    assert grpc_stream(default_server.grpc, chat("Say hi.", max_tokens=4, **GREEDY)).error is None
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"text_input": "hi", "max_tokens": "8"}', "max_tokens"),
+    (b'{"text_input": "hi", "max_tokens": 4.5}', "max_tokens"),
+    (b'{"text_input": "hi", "max_tokens": [4, 5]}', "max_tokens"),
+    (b'{"text_input": "hi", "temperature": 1e999}', "temperature"),
+    (b'{"text_input": "hi", "random_seed": -1}', "random_seed"),
+    (b'{"text_input": "hi", "stream": "yes"}', "stream"),
+    (b'{"text_input": "hi", "max_tokens": 8', "request body"),
+    (b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "request body"),
+    (b'["text_input", "hi"]', "request body"),
+])
+def test_mistyped_http_values_are_400_naming_the_field(default_server, raw, field):
+    """Triton's own HTTP frontend answered these with 500 "Unable to parse 'data'"."""
+    for model in ("bayling", "ensemble"):
+        status, body = post_raw(default_server.http, f"/v2/models/{model}/generate", raw)
+        assert status == 400 and body["error"].startswith(f"{field}:"), (model, body)
