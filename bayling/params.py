@@ -16,7 +16,17 @@ GREEDY_BELOW = 1e-5          # temperature under this means greedy, as in BayLin
 MAX_STOP_WORDS = 16
 MAX_STOP_WORD_CHARS = 256
 UINT64_MAX = 2**64 - 1
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 NO_END_ID = -1               # TensorRT-LLM's end_id for "no end token": generate max_tokens tokens
+
+# Conversation limits, checked before tokenizing (bayling.templates.validate_messages, parse_messages_json).
+# No context we serve can use more: a message costs at least ~5 template tokens, so an 8k-token context
+# holds under 2,000 messages; 10,000 leaves room for clients that send a long history to be truncated,
+# and bounds the work truncation does.
+MAX_MESSAGES = 10_000
+# 4 MiB of UTF-8: 8x the text that fills a 128k-token context (~4 bytes a token), 100x an 8k one.
+# Tokenizing that much takes a few seconds of one core; anything larger can only be refused later.
+MAX_MESSAGES_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -55,6 +65,8 @@ def _number(name: str, value, kind: type) -> float | int:
         raise InvalidInput(name, f"must be an integer, got {value}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInput(name, f"must be finite, got {value}")
+    if kind is int and name != "random_seed" and not INT32_MIN <= value <= INT32_MAX:   # the tensors are INT32
+        raise InvalidInput(name, f"must be between {INT32_MIN} and {INT32_MAX}, got {int(value)}")
     return kind(value)
 
 

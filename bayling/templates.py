@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 
 from bayling.errors import InvalidInput
+from bayling.params import MAX_MESSAGES, MAX_MESSAGES_BYTES
 
 ROLES = ("system", "user", "assistant")
 BUILTIN = ("bayling", "bayling-3")
@@ -47,7 +48,10 @@ def tokenizer_template(source: str) -> ChatTemplate:
 
 
 def parse_messages_json(raw: bytes | str) -> list[dict]:
-    """Decode the `messages` input: a UTF-8 JSON list of {role, content}."""
+    """Decode the `messages` input: a UTF-8 JSON list of {role, content}; too large is refused undecoded."""
+    if len(raw) > MAX_MESSAGES_BYTES:   # a str's characters: never more than its bytes
+        raise InvalidInput("messages", f"is {len(raw)} {'bytes' if isinstance(raw, bytes) else 'characters'} of JSON; "
+                                       f"at most {MAX_MESSAGES_BYTES} bytes are accepted")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -57,26 +61,52 @@ def parse_messages_json(raw: bytes | str) -> list[dict]:
         messages = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidInput("messages", f"is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError as exc:           # an integer of more than 4,300 digits
+        raise InvalidInput("messages", f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("messages", "is nested too deeply to be a list of {role, content} objects") from None
     return validate_messages(messages)
 
 
+def shown(value: object) -> str:
+    """A user's value in an error message, short and never recursing into it."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+    if value is None or isinstance(value, (bool, float)) or isinstance(value, int) and value.bit_length() <= 128:
+        return repr(value)
+    return f"of type {type(value).__name__}"
+
+
 def validate_messages(messages: object) -> list[dict]:
-    """Check a conversation: optional system first, then user/assistant alternating, ending with user."""
+    """Check a conversation: optional system first, then user/assistant alternating, ending with user;
+    at most MAX_MESSAGES messages and MAX_MESSAGES_BYTES of content."""
     if not isinstance(messages, list) or not messages:
         raise InvalidInput("messages", "must be a non-empty JSON list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidInput("messages", f"has {len(messages)} items; at most {MAX_MESSAGES} are accepted "
+                                       "(drop the oldest turns)")
     clean: list[dict] = []
+    size = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidInput("messages", f"item {i} is not an object with role and content")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise InvalidInput("messages", f"item {i} has unknown role {role!r}; roles are {', '.join(ROLES)}")
+            raise InvalidInput("messages", f"item {i} has unknown role {shown(role)}; roles are {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise InvalidInput("messages", f"item {i} ({role}) needs a string content")
         if not content.strip():
             raise InvalidInput("messages", f"item {i} ({role}) has empty content")
         if role == "system" and i != 0:
             raise InvalidInput("messages", f"item {i}: a system message may only come first")
+        try:
+            size += len(content.encode("utf-8"))
+        except UnicodeEncodeError as exc:   # JSON's "\ud800": no tokenizer takes it
+            raise InvalidInput("messages", f"item {i} ({role}) has a lone surrogate at character {exc.start}, "
+                                           "which is not text") from None
+        if size > MAX_MESSAGES_BYTES:
+            raise InvalidInput("messages", f"has more than {MAX_MESSAGES_BYTES} bytes of content (UTF-8), "
+                                           f"passed at item {i}")
         clean.append({"role": role, "content": content})
     turns = clean[1:] if clean[0]["role"] == "system" else clean
     if not turns:

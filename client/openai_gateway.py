@@ -8,6 +8,7 @@ penalties), plus the extensions top_k, repetition_penalty, min_tokens and ignore
 parameters (n > 1, logprobs, tools, response_format other than text, ...) answer 400 with an
 OpenAI-style error naming the parameter. A client that disconnects mid-stream cancels the
 generation on the server. With --api-key (or BAYLING_API_KEY), /v1 needs `Authorization: Bearer KEY`.
+A request body over --max-request-bytes (8 MiB by default) answers 413 before more of it is read.
 
 examples:
   bayling openai --port 9000 --url localhost:8001
@@ -28,7 +29,8 @@ import time
 import uuid
 
 from bayling.errors import BaylingError
-from bayling.params import NO_END_ID
+from bayling.params import NO_END_ID, validate
+from bayling.templates import shown
 
 # BayLing request field -> the OpenAI parameter users wrote
 OPENAI_PARAM = {"random_seed": "seed", "stop_words": "stop", "min_length": "min_tokens", "text_input": "prompt"}
@@ -36,6 +38,10 @@ UNSUPPORTED_ALWAYS = {"tools": "tool calling", "tool_choice": "tool calling", "f
                       "function_call": "function calling", "logit_bias": "logit_bias", "audio": "audio output",
                       "modalities": "output modalities", "prediction": "predicted outputs",
                       "web_search_options": "web search", "suffix": "a suffix (insertion)"}
+# Request bodies above this get 413 before more is read: twice the server's MAX_MESSAGES_BYTES of
+# conversation, since JSON clients may escape every non-ASCII character as \uXXXX (6 bytes, not 3).
+MAX_REQUEST_BYTES = 8 * 2**20
+INT32_MAX = 2**31 - 1        # top_k's tensor type; the shared validation sets no upper bound
 STATUS_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499}
 
@@ -54,11 +60,22 @@ def unsupported(param: str, what: str) -> OpenAIError:
     return OpenAIError(400, f"{param}: {what} is not supported by BayLing", param, code="unsupported_parameter")
 
 
+def integer(body: dict, name: str) -> int | None:
+    """An integer parameter that only the gateway reads (n, best_of), or None when not given."""
+    value = body.get(name)
+    if value is None:
+        return None
+    fraction = isinstance(value, float) and not value.is_integer()    # inf and nan too
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or fraction:
+        raise OpenAIError(400, f"{name}: must be an integer, got {shown(value)}", name, code="invalid_value")
+    return int(value)
+
+
 def from_bayling_error(exc: BaylingError, given: dict | None = None) -> OpenAIError:
     """Client-side InvalidInput or the server's error -> an OpenAI error naming the parameter."""
     field = getattr(exc, "field", None)
     param = OPENAI_PARAM.get(field, field)
-    if field == "max_tokens" and given and "max_completion_tokens" in given:
+    if field == "max_tokens" and given and given.get("max_completion_tokens") is not None:
         param = "max_completion_tokens"
     message = getattr(exc, "message", None) or str(exc)
     if field:   # a request field is wrong, whatever transport status carried it
@@ -73,14 +90,13 @@ def check_common(body: dict) -> None:
     for name, what in UNSUPPORTED_ALWAYS.items():
         if body.get(name) not in (None, [], {}, "none", ""):
             raise unsupported(name, what)
-    n = body.get("n")
-    if n is not None and n != 1:
+    if integer(body, "n") not in (None, 1):
         raise unsupported("n", "more than one choice (n > 1)")
     if body.get("logprobs") not in (None, False):
         raise unsupported("logprobs", "returning log probabilities")
     if body.get("top_logprobs") is not None:
         raise unsupported("top_logprobs", "returning log probabilities")
-    if body.get("best_of") not in (None, 1):
+    if integer(body, "best_of") not in (None, 1):
         raise unsupported("best_of", "best_of > 1")
     if body.get("echo"):
         raise unsupported("echo", "echoing the prompt")
@@ -98,12 +114,13 @@ def check_common(body: dict) -> None:
 def generation_params(body: dict, default_max_tokens: int | None = None) -> dict:
     """OpenAI body -> BayLing generation parameters (bayling.params names)."""
     params: dict = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     params["max_tokens"] = max_tokens if max_tokens is not None else default_max_tokens
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"):
         params[name] = body.get(name)
     for name in ("presence_penalty", "frequency_penalty"):   # 0 means off: do not send it to an engine without them
-        if params[name] == 0:
+        if params[name] == 0 and not isinstance(params[name], bool):
             params[name] = None
     params["random_seed"] = body.get("seed")
     params["min_length"] = body.get("min_tokens")
@@ -119,7 +136,12 @@ def generation_params(body: dict, default_max_tokens: int | None = None) -> dict
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise OpenAIError(400, "stop: must be a string or a list of strings", "stop")
         params["stop_words"] = stop or None
-    return {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None}
+    top_k = params.get("top_k")
+    if isinstance(top_k, (int, float)) and not isinstance(top_k, bool) and top_k > INT32_MAX:
+        raise OpenAIError(400, f"top_k: must be at most {INT32_MAX}, got {shown(top_k)}", "top_k", code="invalid_value")
+    validate(params)   # before the messages are read: a wrong parameter is named whatever they hold
+    return params
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -130,19 +152,22 @@ def chat_messages(body: dict) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise OpenAIError(400, f"messages[{i}]: must be an object", "messages")
-        role = {"developer": "system"}.get(message.get("role"), message.get("role"))
+        role = message.get("role")
+        role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant"):
-            raise OpenAIError(400, f"messages[{i}]: role {message.get('role')!r} is not supported "
+            raise OpenAIError(400, f"messages[{i}]: role {shown(message.get('role'))} is not supported "
                                    "(system, developer, user, assistant)", "messages")
         content = message.get("content")
         if isinstance(content, list):       # content parts: text only
             texts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text":
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise OpenAIError(400, f"messages[{i}]: content part {kind!r} is not supported (text only)",
+                    kind = shown(part.get("type")) if isinstance(part, dict) else shown(part)
+                    raise OpenAIError(400, f"messages[{i}]: content part {kind} is not supported (text only)",
                                       "messages")
-                texts.append(str(part.get("text", "")))
+                if not isinstance(part.get("text"), str):
+                    raise OpenAIError(400, f"messages[{i}]: a text part needs a string text", "messages")
+                texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
             raise OpenAIError(400, f"messages[{i}]: content must be a string or text parts", "messages")
@@ -174,7 +199,7 @@ def sse(data: dict | str) -> str:
 
 
 def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_key: str | None = None,
-               model_id: str | None = None, timeout: float = 600):
+               model_id: str | None = None, timeout: float = 600, max_request_bytes: int = MAX_REQUEST_BYTES):
     """The Starlette application; `url` is the Triton server (gRPC host:port or http://host:port)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -207,13 +232,32 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
     def error(exc: OpenAIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    async def read_limited(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to pass max_request_bytes: by its
+        Content-Length before reading, or while reading a chunked one."""
+        too_large = OpenAIError(413, f"the request body is larger than {max_request_bytes} bytes, the most accepted",
+                                None, code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_request_bytes:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_request_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def read_body(request: Request) -> dict:
         if not authorized(request):
             raise OpenAIError(401, "Incorrect API key provided.", None, code="invalid_api_key")
+        raw = await read_limited(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise OpenAIError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise OpenAIError(400, "the request body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise OpenAIError(400, "the request body must be a JSON object")
         if not isinstance(body.get("model"), str):
@@ -240,9 +284,9 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
         body: dict = {}
         try:
             body = await read_body(request)
+            params = generation_params(body, None if chat else 16)   # OpenAI's completions default: 16 tokens
             messages = chat_messages(body) if chat else None
             prompt = None if chat else completion_prompt(body)
-            params = generation_params(body, None if chat else 16)   # OpenAI's completions default: 16 tokens
             # checked here, before anything is streamed (the same limits as the server)
             if chat:
                 stream = client().stream_chat(messages, **params)
@@ -355,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' (default: $BAYLING_API_KEY, else no key)")
     parser.add_argument("--model-id", help="model id to report (default: the server's model name)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
+    parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N",
+                        help=f"largest request body accepted (default {MAX_REQUEST_BYTES}, 8 MiB); larger ones get 413")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -365,7 +411,10 @@ def main(args: argparse.Namespace) -> int:
     from bayling.client.library import parse_url
 
     parse_url(args.url, args.protocol)          # a bad URL is a one-line error, before listening
-    app = create_app(args.url, args.protocol, api_key=args.api_key, model_id=args.model_id, timeout=args.timeout)
+    if args.max_request_bytes < 1024:
+        raise BaylingError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    app = create_app(args.url, args.protocol, api_key=args.api_key, model_id=args.model_id, timeout=args.timeout,
+                     max_request_bytes=args.max_request_bytes)
     print(f"OpenAI-compatible gateway: http://{args.host}:{args.port}/v1 -> {args.url}"
           f"{' (API key required)' if args.api_key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -87,7 +87,7 @@ def start_server(options: ServeOptions) -> TritonServer:
     else:
         launcher = pytriton_launcher(cache_dir())
     server = TritonServer(repo, launcher, *ports, options.address, options.log_file, list(options.triton_args),
-                          options.max_request_bytes)
+                          options.max_request_bytes, max_concurrency=options.render.max_concurrency)
     print(f"starting tritonserver for {manifest.model_name} ({manifest.engine}) ...", file=sys.stderr, flush=True)
     return server.start(timeout=options.ready_timeout)
 
@@ -109,6 +109,9 @@ def main(args: argparse.Namespace) -> int:
     print(endpoints(server), flush=True)
     try:
         code = server.process.wait()
+        server.stop()
+        if server.failure:
+            raise BaylingError(f"stopped the server: {server.failure}")
         print(f"tritonserver exited with code {code}", file=sys.stderr)
         return code or 1
     except KeyboardInterrupt:

@@ -19,10 +19,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from bayling.errors import BaylingError
 from bayling.model_repository.front import DEFAULT_MAX_REQUEST_BYTES, Front, FrontOptions
+
+if TYPE_CHECKING:
+    from bayling.model_repository.supervisor import Supervisor
 
 
 @dataclass
@@ -97,8 +100,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def always_healthy() -> tuple[bool, bool, str]:
-    return True, True, ""
+def python_pool_size(max_concurrency: int) -> int:
+    return 2 * max_concurrency + 16
 
 
 @dataclass
@@ -114,10 +117,21 @@ class TritonServer:
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    health: Callable[[], tuple[bool, bool, str]] = always_healthy   # (ready, live, why not), for the front
+    supervise: bool = True             # watch the model processes and the engine (model_repository.supervisor)
+    max_concurrency: int = 64          # requests one `bayling` instance serves at once (sizes the Python backend's pool)
     process: subprocess.Popen | None = None
     triton_http_port: int = 0          # Triton's own HTTP port on loopback (chosen at start)
     front: Front | None = None
+    supervisor: "Supervisor | None" = None
+
+    def health(self) -> tuple[bool, bool, str]:
+        """(ready, live, why not) beyond Triton's own view, for the front."""
+        return self.supervisor.health() if self.supervisor else (True, True, "")
+
+    @property
+    def failure(self) -> str:
+        """Why the supervisor stopped the server ("" if it did not)."""
+        return self.supervisor.verdict.fatal if self.supervisor else ""
 
     @property
     def http_url(self) -> str:
@@ -140,6 +154,10 @@ class TritonServer:
                f"--http-port={self.triton_http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
                "--http-address=127.0.0.1", f"--grpc-address={self.address}", f"--metrics-address={self.address}",
                "--allow-metrics=true", "--strict-readiness=true", "--exit-timeout-secs=15"]
+        # The Python backend runs each instance's BLS calls and response sends on a pool (32 threads by
+        # default); a decoupled BLS stream holds a thread until it ends, so 40 streams and their stop
+        # requests wedged every request. Room for all of them: a stream and a stop request per request.
+        cmd.append(f"--backend-config=python,thread-pool-size={python_pool_size(self.max_concurrency)}")
         if self.launcher.backend_dir is not None:
             cmd += [f"--backend-directory={self.launcher.backend_dir}", "--allow-gpu-metrics=false"]
         return cmd + self.extra_args
@@ -159,10 +177,12 @@ class TritonServer:
             if self.ready():
                 try:
                     self.front = Front(FrontOptions(self.address, self.http_port, f"127.0.0.1:{self.triton_http_port}",
-                                                    self.max_request_bytes), lambda: self.health()).start()
+                                                    self.max_request_bytes), self.health).start()
                 except BaylingError:
                     self.stop()
                     raise
+                if self.supervise:
+                    self.supervisor = self._supervisor().start()
                 return self
             time.sleep(0.5)
         self.stop()
@@ -177,6 +197,8 @@ class TritonServer:
 
     def stop(self, timeout: float = 30) -> int | None:
         """Graceful: SIGINT lets Triton finish in-flight requests; then SIGKILL."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.front is not None:
             self.front.stop()
             self.front = None
@@ -189,6 +211,18 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             return p.wait()
+
+    def _supervisor(self) -> "Supervisor":
+        from bayling.model_repository.supervisor import Supervisor, generation_probe, python_models
+
+        def kill() -> None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)   # its stubs too: in-flight clients see the end now
+            except ProcessLookupError:
+                pass
+
+        return Supervisor(self.process.pid, python_models(self.repository),
+                          lambda: generation_probe(self.grpc_url, timeout=60), kill)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

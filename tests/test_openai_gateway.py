@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -202,3 +204,93 @@ def test_health_reports_an_unreachable_server():
         assert failed.status_code == 503 and failed.json()["error"]["type"] == "server_error"
     finally:
         stop_process(process)
+
+
+def raw_exchange(base: str, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Send a request head and some body parts over a plain socket, without finishing the body,
+    and return what the gateway answers: a reply here proves it did not wait for the rest."""
+    address = urlsplit(base)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        return sock.recv(65536)
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    if param:
+        assert error["message"].startswith((f"{param}: ", f"{param}["))   # messages[3]: ...
+    return error
+
+
+def test_deeply_nested_json_answers_400(gateway):
+    for body in (b"[" * 10_000 + b"]" * 10_000,
+                 b'{"model": "m", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"):
+        response = httpx.post(f"{gateway}/v1/chat/completions", content=body, timeout=30)
+        assert "nested too deeply" in assert_openai_error(response, 400)["message"]
+
+
+def test_a_body_over_the_limit_answers_413(gateway):
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 20_000_000}]}).encode()
+    response = httpx.post(f"{gateway}/v1/chat/completions", content=body, timeout=60)
+    assert assert_openai_error(response, 413)["code"] == "request_too_large"
+    chunked = httpx.post(f"{gateway}/v1/chat/completions", timeout=60,
+                         content=(body[i:i + 2**20] for i in range(0, len(body), 2**20)))
+    assert assert_openai_error(chunked, 413)["code"] == "request_too_large"
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(gateway):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    declared = raw_exchange(gateway, head + b"Content-Length: 200000000\r\n\r\n", [b'{"model": "m"'])
+    assert declared.startswith(b"HTTP/1.1 413 ")
+    chunk = b"x" * 2**20
+    chunked = raw_exchange(gateway, head + b"Transfer-Encoding: chunked\r\n\r\n",
+                           [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 9)     # 9 MiB, and more to come
+    assert chunked.startswith(b"HTTP/1.1 413 ")
+
+
+def test_max_request_bytes_option():
+    process, base = start_gateway("--url", "127.0.0.1:1", "--max-request-bytes", "4096")
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+        refused = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+        assert "4096 bytes" in assert_openai_error(refused, 413)["message"]
+        body["messages"][0]["content"] = "x" * 3000
+        passed = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        assert passed.status_code == 503          # read and forwarded: this gateway has no server
+    finally:
+        stop_process(process)
+
+
+@pytest.mark.parametrize("param, value", [
+    ("max_tokens", "[4, 5]"), ("max_tokens", '"8"'), ("max_tokens", "8.5"), ("max_tokens", "1e999"),
+    ("max_completion_tokens", "[4]"), ("max_completion_tokens", "true"),
+    ("temperature", '"hot"'), ("temperature", "1e999"), ("top_p", "[0.5]"), ("top_p", "{}"),
+    ("seed", "-1"), ("seed", "1.5"), ("seed", '"7"'), ("seed", "1e999"),
+    ("top_k", '"5"'), ("top_k", "2.5"), ("top_k", "1e30"), ("top_k", "100000000000000000000"),
+    ("repetition_penalty", "[]"), ("min_tokens", "1.5"), ("presence_penalty", '"0"'), ("frequency_penalty", "false"),
+    ("n", '"2"'), ("n", "1.5"), ("n", "[1]"), ("n", "true"), ("n", "1e999"), ("best_of", '"1"'),
+])
+def test_numeric_parameters_of_the_wrong_type_answer_400_naming_them(gateway, param, value):
+    body = json.dumps({"model": "m", "messages": QUESTION, "max_tokens": 8})[:-1] + f', "{param}": {value}}}'
+    response = httpx.post(f"{gateway}/v1/chat/completions", content=body.encode(), timeout=60)
+    assert assert_openai_error(response, 400, param)["code"] == "invalid_value"
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [], "max_tokens": [4, 5]},                         # a bad parameter is named first
+    {"messages": QUESTION, "max_tokens": [4, 5], "max_completion_tokens": None},
+], ids=["with-bad-messages", "max_completion_tokens-null"])
+def test_a_bad_max_tokens_is_named_not_the_messages(gateway, body):
+    response = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "m", **body}, timeout=60)
+    assert_openai_error(response, 400, "max_tokens")
+
+
+def test_text_parts_must_hold_strings(gateway):
+    messages = [{"role": "user", "content": [{"type": "text", "text": [["nested"]]}]}]
+    response = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "m", "messages": messages}, timeout=60)
+    assert_openai_error(response, 400, "messages")

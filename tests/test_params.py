@@ -5,7 +5,10 @@ import math
 import pytest
 
 from bayling.errors import InvalidInput
-from bayling.params import GenerationParams, validate
+from bayling.params import PARAM_NAMES, GenerationParams, validate
+
+NUMERIC = [name for name in PARAM_NAMES if name not in ("stop_words", "bad_words")]
+INTEGER = ["max_tokens", "top_k", "min_length", "beam_width", "random_seed", "end_id", "pad_id"]
 
 
 def test_defaults_are_bayling_s():
@@ -58,3 +61,24 @@ def test_end_id_minus_one_means_no_end_token_as_in_tensorrt_llm():
     p = validate({"end_id": -1, "pad_id": 0})
     assert (p.end_id, p.pad_id) == (-1, 0)
     assert validate({}).end_id is None  # the engine's own end token
+
+
+@pytest.mark.parametrize("value", ["4", [4, 5], {"a": 1}, True, math.inf, -math.inf, math.nan], ids=repr)
+@pytest.mark.parametrize("name", NUMERIC)
+def test_every_numeric_parameter_refuses_wrong_types_naming_itself(name, value):
+    with pytest.raises(InvalidInput) as info:
+        validate({name: value}, max_context=2048)
+    assert info.value.field == name and str(info.value).startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize("name", INTEGER)
+def test_integer_parameters_refuse_fractions(name):
+    with pytest.raises(InvalidInput, match=f"^{name}: must be an integer"):
+        validate({name: 1.5}, max_context=2048)
+
+
+def test_integers_beyond_the_int32_tensors_are_refused_by_name():
+    for name in ("top_k", "end_id", "pad_id", "min_length"):
+        with pytest.raises(InvalidInput, match=f"^{name}: must be between -2147483648 and 2147483647"):
+            validate({name: 2**40})
+    assert validate({"random_seed": 2**40}).random_seed == 2**40      # a UINT64 tensor

@@ -1,8 +1,12 @@
 """Chat templates render byte-for-byte the prompts of BayLing's original tools (../shared/BAYLING.md)."""
 
+import json
+import time
+
 import pytest
 
 from bayling.errors import InvalidInput
+from bayling.params import MAX_MESSAGES, MAX_MESSAGES_BYTES
 from bayling.templates import builtin_template, parse_messages_json, render_prompt, tokenizer_template, validate_messages
 
 SYSTEM = ("I am an intelligent language assistant developed by the NLP Group of ICT/CAS.\n"
@@ -128,3 +132,62 @@ def test_messages_json_errors_name_the_field():
     with pytest.raises(InvalidInput, match="messages: is not valid UTF-8"):
         parse_messages_json(b'[{"role": "user", "content": "\xff"}]')
     assert parse_messages_json('[{"role": "user", "content": "你好"}]') == [{"role": "user", "content": "你好"}]
+
+
+def alternating(count: int) -> list[dict]:
+    """A valid conversation of `count` messages (count odd: user first and last; even: a system first)."""
+    messages = [{"role": "system", "content": "S"}] if count % 2 == 0 else []
+    while len(messages) < count:
+        messages.append({"role": "user" if (len(messages) - count) % 2 else "assistant", "content": "x"})
+    return messages
+
+
+def test_deeply_nested_json_is_invalid_input_not_a_recursion_error():
+    for raw in (b"[" * 10_000 + b"]" * 10_000, "[" * 10_000 + "]" * 10_000,
+                b'[{"role": "user", "content": ' + b"[" * 10_000 + b"]" * 10_000 + b"}]"):
+        with pytest.raises(InvalidInput, match="^messages: is nested too deeply"):
+            parse_messages_json(raw)
+
+
+def test_a_value_with_a_role_nested_deeply_is_not_recursed_into():
+    role: list = []
+    for _ in range(100_000):
+        role = [role]
+    with pytest.raises(InvalidInput, match="^messages: item 0 has unknown role of type list"):
+        validate_messages([{"role": role, "content": "x"}])
+    with pytest.raises(InvalidInput, match=r"^messages: item 0 has unknown role 'u{40}'\.\.\."):
+        validate_messages([{"role": "u" * 10**6, "content": "x"}])
+
+
+def test_json_numbers_beyond_python_s_limits_are_invalid_input():
+    with pytest.raises(InvalidInput, match="^messages: is not valid JSON"):
+        parse_messages_json('[{"role": "user", "content": "x", "n": ' + "9" * 5000 + "}]")
+
+
+def test_lone_surrogates_are_refused_naming_messages():
+    with pytest.raises(InvalidInput, match="^messages: item 0 \\(user\\) has a lone surrogate"):
+        parse_messages_json(b'[{"role": "user", "content": "ab\\ud800"}]')
+
+
+def test_message_count_is_limited():
+    assert len(validate_messages(alternating(MAX_MESSAGES))) == MAX_MESSAGES
+    with pytest.raises(InvalidInput, match=f"^messages: has {MAX_MESSAGES + 1} items; at most {MAX_MESSAGES}"):
+        validate_messages(alternating(MAX_MESSAGES + 1))
+
+
+def test_oversized_messages_json_is_refused_before_it_is_decoded(monkeypatch):
+    raw = json.dumps([{"role": "user", "content": "x" * (20 * 2**20)}]).encode()   # the fault battery's 20 MiB
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("decoded a body over the limit"))
+    start = time.process_time()
+    with pytest.raises(InvalidInput, match=f"^messages: is {len(raw)} bytes of JSON; at most {MAX_MESSAGES_BYTES}"):
+        parse_messages_json(raw)
+    assert time.process_time() - start < 0.5
+
+
+def test_content_size_is_limited_in_utf8_bytes():
+    messages = [{"role": "user", "content": "x" * (MAX_MESSAGES_BYTES - 3)}, {"role": "assistant", "content": "你"},
+                {"role": "user", "content": "?"}]
+    with pytest.raises(InvalidInput, match=f"^messages: has more than {MAX_MESSAGES_BYTES} bytes of content"):
+        validate_messages(messages)    # one byte too many: 你 is 3 bytes of UTF-8
+    messages[1]["content"] = "y"
+    assert len(validate_messages(messages)) == 3

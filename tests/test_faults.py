@@ -1,0 +1,152 @@
+"""Faults: many long streams and their cancellation, a model process killed mid-stream. Each test
+starts its own real server (they break or load it on purpose)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from bayling.model_repository.render import RenderOptions
+from bayling.model_repository.serve import ServeOptions, start_server
+from bayling.model_repository.supervisor import stub_counts
+from bayling.model_repository.server import free_port
+from tests.client_helpers import metric, settled
+from tests.triton_helpers import chat, grpc_inputs, grpc_stream
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cpu_engine]
+LONG = chat("Tell me a very long story.", max_tokens=400, end_id=-1, stream=True, temperature=0.0)
+
+
+class OpenStream:
+    """One streamed request kept open: `first` is set at its first piece, `error` when it fails."""
+
+    def __init__(self, url: str, values: dict):
+        self.first, self.ended = threading.Event(), threading.Event()
+        self.error = None
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=self._on_response, headers={"triton_grpc_error": "true"})
+        self.client.async_stream_infer("bayling", grpc_inputs("bayling", values), enable_empty_final_response=True)
+
+    def _on_response(self, result, error):
+        if error is not None:
+            self.error = error
+            self.ended.set()
+            return
+        self.first.set()
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            self.ended.set()
+
+    closed = False
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.client.stop_stream(cancel_requests=True)
+        finally:
+            self.client.close()
+
+
+def test_many_long_streams_make_progress_and_all_cancel(default_engine, tmp_path):
+    """50 long streams (the default --max-concurrency is 64) wedged the Python backend's 32-thread pool:
+    none got a first piece within 60 s, and every later request hung."""
+    server = start_server(ServeOptions(default_engine, 0, 0, 0, run_dir=tmp_path, log_file=tmp_path / "triton.log"))
+    streams = []
+    try:
+        streams = [OpenStream(server.grpc_url, LONG) for _ in range(50)]
+        batch = 16                         # the CPU engine's batch: the first 16 start at once, the rest queue
+        deadline = time.monotonic() + 45
+        while sum(s.first.is_set() for s in streams) < batch and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sum(s.first.is_set() for s in streams) >= batch, "the streams made no progress"
+        assert not any(s.error for s in streams)
+        close_all(streams)
+        generated = lambda: metric(server.metrics_url, "bayling_engine_generated_tokens_total")  # noqa: E731
+        settled(generated)                                    # the engine stops for all of them
+        ok = grpc_stream(server.grpc_url, chat("Say hi.", max_tokens=4, temperature=0.0), timeout=30)
+        assert ok.error is None and ok.text
+    finally:
+        close_all(streams)
+        server.stop()
+
+
+def close_all(streams: list[OpenStream]) -> None:
+    """Cancel every stream, without hanging on one that the server no longer answers."""
+    threads = [threading.Thread(target=s.close, daemon=True) for s in streams if not s.closed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+
+
+def serve_process(engine, tmp_path) -> tuple[subprocess.Popen, str]:
+    grpc, http = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bayling.cli", "serve", "--engine", str(engine),
+                                "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(free_port()),
+                                "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "triton.log")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2):
+                return process, f"127.0.0.1:{grpc}"
+        except OSError:
+            assert process.poll() is None, process.communicate()[1]
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("bayling serve did not get ready")
+
+
+def server_pid(serve: subprocess.Popen) -> int:
+    children = open(f"/proc/{serve.pid}/task/{serve.pid}/children").read().split()
+    return int(children[0])
+
+
+@pytest.mark.parametrize("model", ["tensorrt_llm", "bayling"])
+def test_a_killed_model_process_fails_clients_at_once_and_the_server_exits(default_engine, tmp_path, model):
+    """A SIGKILLed stub left health at 200, clients hanging and every new request failing, for ever."""
+    serve, url = serve_process(default_engine, tmp_path)
+    streams = []
+    try:
+        streams = [OpenStream(url, LONG) for _ in range(8)]
+        assert all(s.first.wait(60) for s in streams)
+        triton = server_pid(serve)
+        stubs = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_stub_of(int(p), triton, model)]
+        assert stubs and stub_counts(triton)[model] == len(stubs)
+        killed = time.monotonic()
+        os.kill(stubs[0], signal.SIGKILL)
+        for s in streams:
+            assert s.ended.wait(15), "a client still waits 15 s after the model process died"
+            assert s.error is not None
+        code = serve.wait(30)       # (raises if it does not exit)
+        assert code != 0 and time.monotonic() - killed < 30
+        assert f"a model process died: {model}" in serve.stderr.read()
+    finally:
+        close_all(streams)
+        if serve.poll() is None:
+            serve.kill()
+
+
+def _is_stub_of(pid: int, parent: int, model: str) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+        return int(stat[1]) == parent and f"/{model}/1/model.py".encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+
+
+def test_python_models_are_found_with_their_instance_counts(default_engine, tmp_path):
+    from bayling.model_repository.render import render_repository
+    from bayling.model_repository.supervisor import python_models
+
+    repo = render_repository(default_engine, tmp_path / "repo", RenderOptions(entry_instances=2))
+    assert python_models(repo) == {"bayling": 2, "postprocessing": 1, "preprocessing": 1, "tensorrt_llm": 1}
