@@ -317,3 +317,18 @@ def test_mistyped_http_values_are_400_naming_the_field(default_server, raw, fiel
     for model in ("bayling", "ensemble"):
         status, body = post_raw(default_server.http, f"/v2/models/{model}/generate", raw)
         assert status == 400 and body["error"].startswith(f"{field}:"), (model, body)
+
+
+def test_ten_thousand_turns_are_cut_quickly_and_the_server_keeps_serving(scripted_server):
+    """Dropping old turns re-tokenized the whole conversation per dropped turn: 10,000 turns took minutes."""
+    messages = []
+    for i in range(4_999):
+        messages += [{"role": "user", "content": f"问题 {i}"}, {"role": "assistant", "content": "好的"}]
+    messages.append({"role": "user", "content": "你好"})
+    started = time.monotonic()
+    result = grpc_stream(scripted_server.grpc, {"messages": json.dumps(messages, ensure_ascii=False),
+                                                "max_tokens": 40, **GREEDY})
+    assert result.error is None and result.text == SCRIPT_SHOWN
+    assert time.monotonic() - started < 30
+    ok = grpc_stream(scripted_server.grpc, chat("你好", max_tokens=40, **GREEDY))
+    assert ok.error is None and ok.text == SCRIPT_SHOWN
