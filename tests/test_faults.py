@@ -57,12 +57,12 @@ class OpenStream:
 
 
 def test_many_long_streams_make_progress_and_all_cancel(default_engine, tmp_path):
-    """50 long streams (the default --max-concurrency is 64) wedged the Python backend's 32-thread pool:
-    none got a first piece within 60 s, and every later request hung."""
+    """50 long streams wedged the Python backend's 32-thread pool: none got a first piece within 60 s,
+    and every later request hung. The pool is now sized from --max-concurrency: its default, 64, holds."""
     server = start_server(ServeOptions(default_engine, 0, 0, 0, run_dir=tmp_path, log_file=tmp_path / "triton.log"))
     streams = []
     try:
-        streams = [OpenStream(server.grpc_url, LONG) for _ in range(50)]
+        streams = [OpenStream(server.grpc_url, LONG) for _ in range(server.max_concurrency)]
         batch = 16                         # the CPU engine's batch: the first 16 start at once, the rest queue
         deadline = time.monotonic() + 45
         while sum(s.first.is_set() for s in streams) < batch and time.monotonic() < deadline:
