@@ -4,13 +4,14 @@ From the model's shape (its Hugging Face config.json), the quantization, the KV-
 the tensor-parallel degree, the GPU's memory and the wanted context length, it computes
 (per GPU):
 
-  weights      parameter bytes as TensorRT-LLM 0.17 stores them (see `weight_bytes`)
+  weights      parameter bytes as TensorRT-LLM 1.2 stores them (see `weight_bytes`)
   reserve      runtime overhead + activation memory of the engine (see `Assumptions`)
   KV cache     bytes per token = 2 (K and V) x layers x KV heads / tp x head_dim x dtype bytes
   free         GPU memory - weights - reserve: what the runtime measures as free after loading,
                and what `kv_cache_free_gpu_mem_fraction` is a fraction of
-               (tensorrtllm_backend v0.17.0: the executor's KvCacheConfig takes the smaller of
-               that fraction and `max_tokens_in_paged_kv_cache`)
+               (TensorRT-LLM 1.2.1 triton_backend: the executor's KvCacheConfig takes the smaller
+               of that fraction and `max_tokens_in_paged_kv_cache`, as in 0.17; the LLM API's
+               KvCacheConfig(free_gpu_memory_fraction, max_tokens) does the same)
 
 and chooses `max_seq_len`, `max_input_len`, `max_num_tokens`, `max_batch_size`,
 `kv_cache_free_gpu_mem_fraction` and `max_tokens_in_paged_kv_cache`. It refuses, with the
@@ -33,7 +34,9 @@ from bayling.manifest import read_json
 from bayling.sizes import parse_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-QUANTS = ("int8-wo", "int8-sq", "fp16")
+QUANTS = ("int8-wo", "int8-sq", "fp16")      # the TensorRT engine target (trtllm)
+LLMAPI_QUANTS = ("int8-wo", "fp8")            # the LLM API target (Model Optimizer checkpoints)
+ALL_QUANTS = QUANTS + ("fp8",)
 KV_CACHE_TYPES = ("fp16", "int8")
 FP16 = 2
 
@@ -140,14 +143,14 @@ class Assumptions:
     # Tokens kept for the answer when choosing max_input_len (BayLing's max_new_tokens default),
     # but never more than half the context.
     output_reserve: int = 512
-    tokens_per_block: int = 64          # trtllm-build's --tokens_per_block default in 0.17
+    tokens_per_block: int = 64          # passed to trtllm-build explicitly (its default changed across releases)
 
 
 DEFAULT_ASSUMPTIONS = Assumptions()
 
 
 def weight_bytes(model: ModelShape, quant: str, tp: int = 1) -> int:
-    """Weight bytes on each GPU, as TensorRT-LLM 0.17 lays them out for LLaMA.
+    """Weight bytes on each GPU, as TensorRT-LLM 1.2 lays them out for LLaMA.
 
     * fp16: every parameter in 2 bytes.
     * int8-wo (W8A16): the q/k/v/o and MLP GEMM weights in 1 byte plus one fp16 scale per output
@@ -159,7 +162,7 @@ def weight_bytes(model: ModelShape, quant: str, tp: int = 1) -> int:
     * tp > 1: GEMM weights, their scales and the lm_head are split across GPUs; the embedding
       table (no --use_parallel_embedding) and the norms are replicated.
     """
-    _check(quant, QUANTS, "quantization")
+    _check(quant, ALL_QUANTS, "quantization")
     if tp < 1:
         raise BaylingError("--tp must be at least 1")
     linear = model.num_layers * model.linear_params_per_layer
@@ -167,6 +170,8 @@ def weight_bytes(model: ModelShape, quant: str, tp: int = 1) -> int:
     lm_head = model.embedding_params  # TensorRT-LLM keeps its own lm_head even when tied
     if quant == "fp16":
         return FP16 * (linear // tp + model.embedding_params + lm_head // tp + model.norm_params)
+    if quant == "fp8":  # FP8 GEMM weights with per-tensor fp32 scales (a few bytes a layer)
+        return linear // tp + FP16 * (model.embedding_params + lm_head // tp + model.norm_params)
     scale_bytes = FP16 if quant == "int8-wo" else 4
     return linear // tp + scale_bytes * scales // tp + FP16 * (model.embedding_params + lm_head // tp + model.norm_params)
 
@@ -245,6 +250,22 @@ class GpuPlan:
             "batch_scheduler_policy": "guaranteed_no_evict",
         }
 
+    def llm_api_settings(self) -> dict:
+        """The LLM API arguments (TensorRT-LLM 1.2 TorchLlmArgs / KvCacheConfig) the plan chose: the
+        same limits as the engine build, applied at load time instead of baked into an engine."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_num_tokens": self.max_num_tokens,
+            "max_seq_len": self.max_seq_len,
+            "max_beam_width": self.max_beam_width,
+            "enable_chunked_prefill": self.paged_context_fmha,
+            "kv_cache_config": {
+                "free_gpu_memory_fraction": round(self.kv_cache_free_gpu_mem_fraction, 2),
+                "max_tokens": self.max_tokens_in_paged_kv_cache,
+                "enable_block_reuse": self.kv_cache_reuse,
+            },
+        }
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["model"] = asdict(self.model)
@@ -286,7 +307,7 @@ def plan(model: ModelShape, quant: str = "int8-wo", kv_cache: str = "fp16", tp: 
     """Choose the build and runtime limits, or refuse with the numbers (and, with `suggest`,
     the nearest settings that would fit)."""
     a = assumptions
-    _check(quant, QUANTS, "quantization")
+    _check(quant, ALL_QUANTS, "quantization")
     _check(kv_cache, KV_CACHE_TYPES, "KV-cache type")
     if tp < 1:
         raise BaylingError("--tp must be at least 1")
@@ -351,7 +372,7 @@ def plan(model: ModelShape, quant: str = "int8-wo", kv_cache: str = "fp16", tp: 
     if not paged_context_fmha:
         notes.append("INT8 KV cache: paged context FMHA (and with it KV-cache reuse and chunked context) is off; "
                      "TensorRT-LLM's paged context FMHA does not take an INT8 KV cache (NVIDIA/TensorRT-LLM#2166)")
-    calibration = quant == "int8-sq" or kv_cache == "int8"
+    calibration = quant in ("int8-sq", "fp8") or kv_cache == "int8"
     calib_bytes = FP16 * model.total_params
     calibrate_on_cpu = calibration and calib_bytes + runtime > gpu_memory * tp
     if calibrate_on_cpu:

@@ -1,9 +1,11 @@
 """The GPU target: a Hugging Face LLaMA checkpoint -> an INT8 TensorRT-LLM engine folder.
 
-Two commands of the pinned TensorRT-LLM release (`trtllm_release`) do the work, as its LLaMA
-example documents them (examples/llama/README.md at v0.17.0):
+Two commands of the pinned TensorRT-LLM release (`trtllm_release`, 1.2.1) do the work, as its
+LLaMA example defines them (examples/models/core/llama/convert_checkpoint.py and
+tensorrt_llm/commands/build.py; the option lists are recorded in
+build_engine/data/trtllm_1.2.1_options.json):
 
-1. `examples/llama/convert_checkpoint.py` writes a TensorRT-LLM checkpoint:
+1. `examples/models/core/llama/convert_checkpoint.py` writes a TensorRT-LLM checkpoint:
    int8-wo  --use_weight_only --weight_only_precision int8             (W8A16)
    int8-sq  --smoothquant ALPHA --per_channel --per_token              (W8A8; never per-tensor,
             which wrecks accuracy: NVIDIA/TensorRT-LLM#1618, #945) with a calibration set
@@ -57,7 +59,7 @@ def default_calib_prompts() -> Path:
 
 def find_convert_script() -> str:
     env = os.environ.get("TRTLLM_EXAMPLES_DIR")
-    candidates = ([str(Path(env) / "llama" / "convert_checkpoint.py")] if env else []) + \
+    candidates = ([str(Path(env) / trtllm_release.CONVERT_SCRIPT_SUBPATH)] if env else []) + \
         list(trtllm_release.CONVERT_SCRIPT_CANDIDATES)
     for candidate in candidates:
         if Path(candidate).is_file():
@@ -131,7 +133,8 @@ def add_trtllm_arguments(parser) -> None:
     parser.add_argument("--calib-max-seq-length", type=int, default=d.calib_max_seq_length, metavar="N",
                         help=f"tokens per calibration sample (default {d.calib_max_seq_length})")
     parser.add_argument("--convert-script", default=d.convert_script, metavar="PATH",
-                        help="TensorRT-LLM's examples/llama/convert_checkpoint.py (default: found in the container)")
+                        help=f"TensorRT-LLM's examples/{trtllm_release.CONVERT_SCRIPT_SUBPATH} (default: found in "
+                             "the container, or under $TRTLLM_EXAMPLES_DIR)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and every command; run nothing")
     parser.add_argument("--force-version", action="store_true",
                         help=f"build with a TensorRT-LLM other than the pinned {trtllm_release.TRTLLM_VERSION}")
@@ -355,7 +358,7 @@ def build_record(options: TrtllmOptions, plan: GpuPlan, commands: list[list[str]
         "template_choice": template_choice,
         "trtllm": {
             "version": trtllm_release.TRTLLM_VERSION,
-            "backend": trtllm_release.BACKEND_TAG,
+            "backend": trtllm_release.BACKEND_SOURCE,
             "container": trtllm_release.TRITON_IMAGE,
             "max_batch_size": plan.max_batch_size,
             "max_input_len": plan.max_input_len,
@@ -413,7 +416,8 @@ def run_trtllm_build(build: TrtllmBuild) -> dict:
     version = trtllm_release.check_installed_version(build.force_version)
     if not Path(options.convert_script).is_file():
         raise BaylingError(f"TensorRT-LLM's LLaMA converter {options.convert_script} not found; pass --convert-script "
-                           "(examples/llama/convert_checkpoint.py of TensorRT-LLM v0.17.0)")
+                           f"(examples/{trtllm_release.CONVERT_SCRIPT_SUBPATH} of TensorRT-LLM "
+                           f"{trtllm_release.BACKEND_TAG})")
     return _build(build, name, plan, template, prompts, version, gpus)
 
 

@@ -28,79 +28,26 @@ from bayling.build_engine import trtllm_release as rel
 from bayling.errors import BaylingError
 
 FLAG, INT, FLOAT, STR = "flag", "int", "float", "str"
-ON_OFF = ("enable", "disable")
-PLUGIN_DTYPES = ("auto", "float16", "float32", "bfloat16", "int32", "disable")
 
-# --- trtllm-build of TensorRT-LLM 0.17.0 ------------------------------------------------------------
-# Source: NVIDIA/TensorRT-LLM, tensorrt_llm/commands/build.py, parse_arguments(), at commit
-# 7bb9b5f840dd802daec62f4640390406482281da ("open source f5b2db19...", 2025-01-30). That commit is
-# the v0.17.0 release content: tensorrtllm_backend commit 83ce8e5 pins it and has the same tree as
-# the backend's "TensorRT-LLM backend v0.17 release (#687)" (7bcf3ab), which pins TensorRT-LLM
-# 71213f726620a259e03ba5a64b9f3c6adee2df17 (tensorrt_llm/version.py: "0.17.0"). The code index
-# stores build.py at 7bb9b5f8 and not as a new version at 71213f72 (v0.17.0), 311ba7dd
-# (v0.17.0.post1) or 3c046200 (v0.18.0): unchanged across the 0.17 line.
-# Plugin options: add_plugin_argument() over `cli_plugin_args` in tensorrt_llm/plugin/plugin.py,
-# last changed before v0.17.0 at bd19024162869da9cf2d71501973fd0cfd63c5a1 (2024-12-11) and not
-# stored as a new version at b4f2086d, 7bb9b5f8, 71213f72, 99e9dd7e, 311ba7dd or 3c046200.
-# Extracted by reading every add_argument() call: option strings, `choices`, `type`,
-# `action='store_true'`; plugin dtype choices from DEFAULT_PLUGIN_DTYPE_OPTIONS /
-# PLUGIN_DTYPE_OPTIONS_MAP (None shown as "disable"), bool plugin fields as enable/disable.
-TRTLLM_BUILD_OPTIONS: dict[str, object] = {
-    "--checkpoint_dir": STR, "--model_config": STR, "--build_config": STR, "--model_cls_file": STR,
-    "--model_cls_name": STR, "--output_dir": STR, "--max_batch_size": INT, "--max_input_len": INT,
-    "--max_seq_len": INT, "--max_decoder_seq_len": INT, "--max_beam_width": INT, "--max_num_tokens": INT,
-    "--opt_num_tokens": INT, "--max_encoder_input_len": INT, "--max_prompt_embedding_table_size": INT,
-    "--max_multimodal_len": INT, "--kv_cache_type": ("continuous", "paged", "disabled"), "--paged_kv_cache": STR,
-    "--input_timing_cache": STR, "--output_timing_cache": STR,
-    "--profiling_verbosity": ("layer_names_only", "detailed", "none"), "--strip_plan": FLAG,
-    "--weight_sparsity": FLAG, "--weight_streaming": FLAG, "--fast_build": FLAG, "--workers": INT,
-    "--log_level": ("internal_error", "error", "warning", "info", "verbose", "debug", "trace"),
-    "--enable_debug_output": FLAG, "--visualize_network": STR, "--dry_run": FLAG, "--monitor_memory": FLAG,
-    "--logits_dtype": ("float16", "float32"), "--gather_context_logits": FLAG, "--gather_generation_logits": FLAG,
-    "--gather_all_token_logits": FLAG, "--lora_dir": STR, "--lora_ckpt_source": ("hf", "nemo"),
-    "--lora_target_modules": STR, "--max_lora_rank": INT,
-    "--speculative_decoding_mode": ("draft_tokens_external", "lookahead_decoding", "medusa",
-                                    "explicit_draft_tokens", "eagle"),
-    "--max_draft_len": INT, "--auto_parallel": INT, "--gpus_per_node": INT, "--cluster_key": STR,
-    # plugin.py cli_plugin_args
-    "--bert_attention_plugin": PLUGIN_DTYPES, "--gpt_attention_plugin": PLUGIN_DTYPES,
-    "--gemm_plugin": ("auto", "float16", "float32", "bfloat16", "int32", "fp8", "disable"),
-    "--gemm_swiglu_plugin": ("fp8", "disable"), "--fp8_rowwise_gemm_plugin": PLUGIN_DTYPES,
-    "--lora_plugin": PLUGIN_DTYPES, "--moe_plugin": PLUGIN_DTYPES, "--mamba_conv1d_plugin": PLUGIN_DTYPES,
-    "--nccl_plugin": PLUGIN_DTYPES, "--low_latency_gemm_plugin": ("fp8", "disable"),
-    "--low_latency_gemm_swiglu_plugin": ("fp8", "disable"),
-    "--context_fmha": ON_OFF, "--bert_context_fmha_fp32_acc": ON_OFF, "--remove_input_padding": ON_OFF,
-    "--tokens_per_block": INT, "--use_paged_context_fmha": ON_OFF, "--use_fp8_context_fmha": ON_OFF,
-    "--multiple_profiles": ON_OFF, "--paged_state": ON_OFF, "--streamingllm": ON_OFF, "--reduce_fusion": ON_OFF,
-    "--user_buffer": ON_OFF, "--use_fused_mlp": ON_OFF, "--pp_reduce_scatter": ON_OFF,
-}
+# Every option list and config key comes from build_engine/data/trtllm_1.2.1_options.json, recorded
+# from TensorRT-LLM 1.2's sources; its "sources" names each file, path and commit read:
+#   trtllm-build        tensorrt_llm/commands/build.py parse_arguments() + plugin/plugin.py cli_plugin_args
+#   convert_checkpoint  examples/models/core/llama/convert_checkpoint.py parse_arguments()
+#   backend keys        triton_backend/inflight_batcher_llm/src/model_instance_state.cc GetParameter<...>()
+OPTIONS = rel.release_options()
 
-# --- examples/llama/convert_checkpoint.py of TensorRT-LLM 0.17.0 -------------------------------------
-# Source: NVIDIA/TensorRT-LLM, examples/llama/convert_checkpoint.py, parse_arguments(), at commit
-# b4f2086ddd2206a1f8b5f3d40885d7ce7d0c73fa ("open source b51f3276...", 2024-12-24, the v0.16.0
-# release content). The index has no newer version of the file at any 0.17 commit (7bb9b5f8,
-# 71213f72 = v0.17.0, 99e9dd7e / 311ba7dd = v0.17.0.post1) nor at v0.18.0 (3c046200): the
-# v0.17.0 file is this one. The options this project uses are also in the 2024-11 version
-# (04a2cacb) and in the newest stored one, so the check does not hinge on that inference.
-# Extracted by reading every add_argument() call (option strings, choices, type, store_true).
-CONVERT_CHECKPOINT_OPTIONS: dict[str, object] = {
-    "--model_dir": STR, "--meta_ckpt_dir": STR, "--tp_size": INT, "--pp_size": INT, "--moe_tp_size": INT,
-    "--cp_size": INT, "--moe_ep_size": INT, "--dtype": ("auto", "float16", "bfloat16", "float32"),
-    "--vocab_size": INT, "--n_positions": INT, "--n_layer": INT, "--n_head": INT, "--n_kv_head": INT,
-    "--n_embd": INT, "--inter_size": INT, "--multiple_of": INT, "--ffn_dim_multiplier": FLOAT,
-    "--rms_norm_eps": FLOAT, "--use_weight_only": FLAG, "--disable_weight_only_quant_plugin": FLAG,
-    "--weight_only_precision": ("int8", "int4", "int8_gptq", "int4_gptq", "int4_awq"),
-    "--calib_dataset": STR, "--calib_size": INT, "--calib_max_seq_length": INT, "--smoothquant": FLOAT,
-    "-sq": FLOAT, "--use_qserve": FLAG, "--per_channel": FLAG, "--per_token": FLAG, "--int8_kv_cache": FLAG,
-    "--fp8_kv_cache": FLAG, "--quant_ckpt_path": STR, "--use_fp8": FLAG, "--use_fp8_rowwise": FLAG,
-    "--use_meta_fp8_rowwise_recipe": FLAG, "--per_group": FLAG, "--load_by_shard": FLAG, "--hidden_act": STR,
-    "--rotary_base": FLOAT, "--group_size": INT, "--load_model_on_cpu": FLAG, "--use_parallel_embedding": FLAG,
-    "--embedding_sharding_dim": ("0", "1"), "--output_dir": STR, "--workers": INT, "--moe_num_experts": INT,
-    "--moe_top_k": INT, "--moe_renorm_mode": INT, "--save_config_only": FLAG,
-    "--remove_duplicated_kv_heads": FLAG, "--log_level": STR,
-}
 
-# --- tensorrt_llm.models.convert_utils of 0.17.0 (b4f2086d; not changed at 7bb9b5f8 / 71213f72) ---------
+def _spec(raw: dict) -> dict[str, object]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+
+
+TRTLLM_BUILD_OPTIONS = _spec(OPTIONS["trtllm_build"])
+CONVERT_CHECKPOINT_OPTIONS = _spec(OPTIONS["convert_checkpoint"])
+BACKEND_PARAMETER_KEYS = set(OPTIONS["backend_parameters"])
+BOOL_PARAMETERS = set(OPTIONS["backend_bool_parameters"])
+REQUIRED_PARAMETERS = set(OPTIONS["backend_required_parameters"])
+
+# --- tensorrt_llm.models.convert_utils, as read for 0.17 (b4f2086d); not re-read at 1.2 (see docs/gpu.md) ---
 # load_calib_dataset() walks this dict in order and takes the first key that is a *substring* of
 # the dataset path ('' matches everything): (config name, split, text field).
 DEFAULT_HF_DATASET_META = {
@@ -109,25 +56,6 @@ DEFAULT_HF_DATASET_META = {
     "lambada": (None, "validation", "text"),
     "": (None, "train", "text"),
 }
-
-# --- parameters the TensorRT-LLM backend reads (tensorrtllm_backend v0.17.0) ---------------------------
-# Source: triton-inference-server/tensorrtllm_backend tag v0.17.0,
-# inflight_batcher_llm/src/model_instance_state.cc and model_state.cc: every
-# GetParameter<...>("<key>") call (`git show v0.17.0:inflight_batcher_llm/src/model_instance_state.cc
-# | grep -o 'GetParameter<[^>]*>("[a-z_A-Z]*")'`).
-BACKEND_PARAMETER_KEYS = {
-    "gpt_model_type", "max_tokens_in_paged_kv_cache", "kv_cache_free_gpu_mem_fraction", "cross_kv_cache_fraction",
-    "kv_cache_host_memory_bytes", "kv_cache_onboard_blocks", "max_attention_window_size", "sink_token_length",
-    "enable_kv_cache_reuse", "multi_block_mode", "enable_context_fmha_fp32_acc", "cuda_graph_mode",
-    "cuda_graph_cache_size", "batch_scheduler_policy", "speculative_decoding_fast_logits", "max_beam_width",
-    "iter_stats_max_iterations", "request_stats_max_iterations", "enable_trt_overlap", "normalize_log_probs",
-    "enable_chunked_context", "decoding_mode", "medusa_choices", "eagle_choices", "gpu_weights_percent",
-    "recv_poll_period_ms", "gpt_model_path", "encoder_model_path", "exclude_input_in_output",
-    "cancellation_check_period_ms", "stats_check_period_ms", "gpu_device_ids", "participant_ids",
-    "executor_worker_path", "lora_cache_optimal_adapter_size", "lora_cache_max_adapter_size",
-    "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes",
-}
-BOOL_PARAMETERS = {"exclude_input_in_output", "enable_kv_cache_reuse", "enable_chunked_context"}
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_TEMPLATE = ROOT / "model_repository" / "templates" / "tensorrt_llm_gpu" / "config.pbtxt.in"
@@ -187,7 +115,7 @@ def commands_for(quant: str, kv: str, tp: int, tmp_path: Path, gpu=80 * gp.GiB, 
 def test_commands_use_only_options_the_pinned_release_defines(quant, kv, tp, tmp_path):
     plan, convert, build = commands_for(quant, kv, tp, tmp_path)
     assert convert[:2] == ["python3", tb.find_convert_script()]
-    assert convert[1].endswith("examples/llama/convert_checkpoint.py")
+    assert convert[1].endswith("examples/models/core/llama/convert_checkpoint.py")
     check_argv(convert[2:], CONVERT_CHECKPOINT_OPTIONS)
     assert build[0] == "trtllm-build"
     check_argv(build[1:], TRTLLM_BUILD_OPTIONS)
@@ -323,22 +251,40 @@ def test_bad_calibration_prompts_are_refused(tmp_path):
 # ------------------------------------------------------------------------------ the release pin
 
 def test_the_pin_is_one_release_and_its_container():
-    assert rel.TRTLLM_VERSION == "0.17.0.post1" and rel.BACKEND_TAG == "v0.17.0"
-    assert rel.TRITON_IMAGE == "nvcr.io/nvidia/tritonserver:25.02-trtllm-python-py3"
-    assert rel.TRTLLM_VERSION in rel.COMPATIBLE_VERSIONS
+    assert rel.TRTLLM_VERSION == "1.2.1" and rel.BACKEND_TAG == "v1.2.1"
+    assert rel.TRITON_IMAGE == "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
+    assert (rel.TENSORRT_VERSION, rel.CUDA_VERSION, rel.MIN_DRIVER) == ("10.14.1.48", "13.1.0.036", "590.44.01")
+    assert rel.COMPATIBLE_VERSIONS == ("1.2.1",)
+    assert OPTIONS["release"] == rel.TRTLLM_VERSION and rel.OPTIONS_FILE == "trtllm_1.2.1_options.json"
+
+
+def test_the_recorded_options_name_their_sources():
+    sources = OPTIONS["sources"]
+    assert {"compatibility", "trtllm_build", "plugins", "convert_checkpoint", "backend_parameters",
+            "llmapi_model"} <= set(sources)
+    assert "26.07" in sources["compatibility"] and "1.2.1" in sources["compatibility"]
+    assert "examples/models/core/llama/convert_checkpoint.py" in sources["convert_checkpoint"]
+    assert "triton_backend/inflight_batcher_llm/src/model_instance_state.cc" in sources["backend_parameters"]
+    for name in ("trtllm_build", "convert_checkpoint", "backend_parameters"):
+        assert re.search(r"[0-9a-f]{40}", sources[name]), f"{name}: no commit named"
+    # the quantization flags this project relies on, as the 1.2 converter maps them
+    assert OPTIONS["weight_only_algos"]["int8"] == "W8A16"
+    assert OPTIONS["smoothquant_algos"]["per_channel+per_token"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert REQUIRED_PARAMETERS <= BACKEND_PARAMETER_KEYS and BOOL_PARAMETERS <= BACKEND_PARAMETER_KEYS
 
 
 def test_version_check(monkeypatch, capsys):
     monkeypatch.setattr(rel, "installed_version", lambda: None)
     with pytest.raises(BaylingError, match=re.escape(rel.TRITON_IMAGE)):
         rel.check_installed_version(force=True)               # nothing to force without TensorRT-LLM
-    monkeypatch.setattr(rel, "installed_version", lambda: "0.18.2")
-    with pytest.raises(BaylingError, match="--force-version"):
-        rel.check_installed_version()
-    assert rel.check_installed_version(force=True) == "0.18.2"
+    for other in ("0.17.0.post1", "1.2.0", "1.3.0"):     # the old pin, the release before, one without engines
+        monkeypatch.setattr(rel, "installed_version", lambda v=other: v)
+        with pytest.raises(BaylingError, match="--force-version"):
+            rel.check_installed_version()
+    assert rel.check_installed_version(force=True) == "1.3.0"
     assert "not the pinned" in capsys.readouterr().err
-    monkeypatch.setattr(rel, "installed_version", lambda: "0.17.0.post1")
-    assert rel.check_installed_version() == "0.17.0.post1"
+    monkeypatch.setattr(rel, "installed_version", lambda: "1.2.1")
+    assert rel.check_installed_version() == "1.2.1"
 
 
 def test_this_machine_has_no_tensorrt_llm_and_the_build_says_where_to_run():
@@ -460,8 +406,8 @@ def test_the_converter_defaults_to_the_one_found_here(tmp_path, monkeypatch):
     monkeypatch.delenv("TRTLLM_EXAMPLES_DIR", raising=False)
     if not any(Path(c).is_file() for c in rel.CONVERT_SCRIPT_CANDIDATES):
         assert tb.TrtllmOptions().convert_script == rel.CONVERT_SCRIPT_CANDIDATES[0]
-    script = tmp_path / "llama" / "convert_checkpoint.py"
-    script.parent.mkdir()
+    script = tmp_path / "models" / "core" / "llama" / "convert_checkpoint.py"
+    script.parent.mkdir(parents=True)
     script.write_text("", encoding="utf-8")
     monkeypatch.setenv("TRTLLM_EXAMPLES_DIR", str(tmp_path))
     assert tb.TrtllmOptions().convert_script == str(script)
@@ -474,7 +420,8 @@ def test_the_converter_defaults_to_the_one_found_here(tmp_path, monkeypatch):
 
 def gpu_values(plan: gp.GpuPlan) -> dict[str, str]:
     values = plan.triton_parameters()
-    values.update(io=contract.io_blocks("tensorrt_llm"), engine_path="/engines/bayling-7b/trtllm")
+    values.update(io=contract.io_blocks("tensorrt_llm"), engine_path="/engines/bayling-7b/trtllm",
+                  decoupled="true")     # the renderer adds the last three (RenderOptions.decoupled)
     return values
 
 
@@ -497,7 +444,9 @@ def test_gpu_config_renders_and_parses_as_a_triton_model_config():
     assert config.HasField("dynamic_batching")
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert set(params) <= BACKEND_PARAMETER_KEYS
-    assert all(params.values())                                   # every value is a non-empty string
+    assert REQUIRED_PARAMETERS <= set(params)                     # the 1.2 backend fails to load without them
+    assert all(params[k] for k in (set(params) - REQUIRED_PARAMETERS) | {"gpt_model_type"})
+    assert not any(params[k] for k in ("guided_decoding_backend", "tokenizer_dir", "xgrammar_tokenizer_info_path"))
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == "/engines/bayling-7b/trtllm"
     assert params["exclude_input_in_output"] == "true"
@@ -506,7 +455,7 @@ def test_gpu_config_renders_and_parses_as_a_triton_model_config():
     assert 0 < float(params["kv_cache_free_gpu_mem_fraction"]) < 1
     assert int(params["max_tokens_in_paged_kv_cache"]) == plan.max_tokens_in_paged_kv_cache
     assert int(params["max_beam_width"]) == 1
-    for key in BOOL_PARAMETERS:
+    for key in BOOL_PARAMETERS & set(params):
         assert params[key] in ("true", "false")                  # what GetParameter<bool> accepts
 
 
@@ -522,7 +471,7 @@ def test_gpu_and_cpu_engine_models_declare_the_same_tensors():
     gpu = parse(string.Template(GPU_TEMPLATE.read_text(encoding="utf-8")).substitute(gpu_values(plan)))
     cpu_text = string.Template(CPU_TEMPLATE.read_text(encoding="utf-8")).substitute(
         max_batch_size="16", io=contract.io_blocks("tensorrt_llm"), engine_dir="/engines/x", cpu_threads="0",
-        one_token_per_response="false")
+        one_token_per_response="false", decoupled="true")
     cpu = parse(cpu_text)
 
     def tensors(items):
@@ -545,7 +494,7 @@ def test_the_build_record_feeds_the_manifest_and_the_config(tmp_path):
     assert record["calibration"]["samples"] == 60
     assert all(isinstance(v, str) for v in record["triton"].values())
     identifiers = set(string.Template(GPU_TEMPLATE.read_text(encoding="utf-8")).get_identifiers())
-    assert identifiers - set(record["triton"]) == {"io", "engine_path"}   # the renderer adds those two
+    assert identifiers - set(record["triton"]) == {"io", "engine_path", "decoupled"}   # the renderer adds those
 
 
 # ------------------------------------------------------------------------------ end to end, stand-ins
@@ -610,7 +559,7 @@ def test_a_build_with_stand_ins_for_tensorrt_llm_writes_a_complete_engine_folder
     fake_build.write_text(FAKE_TRTLLM_BUILD.replace("PYTHON", sys.executable), encoding="utf-8")
     fake_build.chmod(fake_build.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(rel, "installed_version", lambda: "0.17.0.post1")
+    monkeypatch.setattr(rel, "installed_version", lambda: "1.2.1")
     monkeypatch.setattr(tb, "detect_gpus", lambda: [("NVIDIA A100-SXM4-40GB", 40 * gp.GiB)])
     monkeypatch.setattr(tb.TrtllmOptions, "python", sys.executable)
 
@@ -626,7 +575,7 @@ def test_a_build_with_stand_ins_for_tensorrt_llm_writes_a_complete_engine_folder
     assert manifest.engine == "tensorrt_llm" and manifest.template == "bayling" and manifest.max_context == 2048
     assert manifest.build == json.loads(json.dumps(record))
     assert manifest.build["calibration"]["samples"] == 60
-    assert manifest.versions["tensorrt_llm"] == "0.17.0.post1" and manifest.versions["gpu"] == "NVIDIA A100-SXM4-40GB"
+    assert manifest.versions["tensorrt_llm"] == "1.2.1" and manifest.versions["gpu"] == "NVIDIA A100-SXM4-40GB"
     assert (out / "chat_template.jinja").read_text(encoding="utf-8").startswith("{#- BayLing template")
     assert (out / "tokenizer" / "tokenizer_config.json").is_file()
     built_with = json.loads((out / "trtllm" / "config.json").read_text())["build_config"]
@@ -640,7 +589,7 @@ def test_a_failing_step_leaves_no_engine_folder(tmp_path, monkeypatch):
     tiny_tokenizer(model)
     convert = tmp_path / "convert_checkpoint.py"
     convert.write_text("import sys; print('CUDA error: out of memory'); sys.exit(3)\n", encoding="utf-8")
-    monkeypatch.setattr(rel, "installed_version", lambda: "0.17.0.post1")
+    monkeypatch.setattr(rel, "installed_version", lambda: "1.2.1")
     monkeypatch.setattr(tb, "detect_gpus", lambda: [("NVIDIA L4", 24 * gp.GiB)])
     monkeypatch.setattr(tb.TrtllmOptions, "python", sys.executable)
     out = tmp_path / "engines" / "e"
