@@ -89,6 +89,15 @@ def test_gpu_workflow_runs_in_the_pinned_ngc_container_on_a_gpu_runner():
     assert wf["concurrency"]["cancel-in-progress"] is False
 
 
+def test_the_gpu_dockerfile_and_the_chart_name_the_pinned_container_too():
+    from bayling.build_engine.trtllm_release import TRITON_IMAGE, TRITON_RELEASE
+
+    dockerfile = (ROOT / "docker" / "Dockerfile.gpu").read_text(encoding="utf-8")
+    assert re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1) == TRITON_IMAGE
+    values = yaml.safe_load((ROOT / "helm" / "bayling" / "values.yaml").read_text(encoding="utf-8"))
+    assert values["image"]["gpu"]["tag"] == TRITON_IMAGE.rsplit(":", 1)[1] == f"{TRITON_RELEASE}-trtllm-python-py3"
+
+
 def test_gpu_workflow_inputs_are_the_charts_releases_and_the_builds_quantizations():
     from bayling.build_engine.gpu_planner import QUANTS
 
