@@ -27,6 +27,9 @@ MAX_MESSAGES = 10_000
 # 4 MiB of UTF-8: 8x the text that fills a 128k-token context (~4 bytes a token), 100x an 8k one.
 # Tokenizing that much takes a few seconds of one core; anything larger can only be refused later.
 MAX_MESSAGES_BYTES = 4 * 2**20
+MAX_TOP_LOGPROBS = 20        # OpenAI's limits
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 @dataclass
@@ -46,6 +49,9 @@ class GenerationParams:
     pad_id: int | None = None           # None: the model's pad token
     stop_words: list[str] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)
+    logprobs: bool = False              # per-token log probabilities of the answer
+    top_logprobs: int = 0               # that many most likely alternatives per token (needs logprobs)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> bias added to its logit
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +91,24 @@ def _words(name: str, value) -> list[str]:
     return list(value)
 
 
+def _logit_bias(value) -> dict[int, float]:
+    """{token id: bias} with ids as integers or decimal strings (JSON keys), biases in [-100, 100]."""
+    if not isinstance(value, dict):
+        raise InvalidInput("logit_bias", f"must be an object mapping token ids to biases, got {type(value).__name__}")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidInput("logit_bias", f"has {len(value)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+    out = {}
+    for key, bias in value.items():
+        text = str(key)
+        if isinstance(key, bool) or not (isinstance(key, int) or text.isdigit()) or int(text) < 0:
+            raise InvalidInput("logit_bias", f"keys must be token ids, got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidInput("logit_bias", f"biases must be numbers between -100 and 100, got {bias!r} for {key}")
+        out[int(text)] = float(bias)
+    return out
+
+
 def validate(values: dict, *, defaults: GenerationParams | None = None, max_context: int | None = None) -> GenerationParams:
     """Build GenerationParams from user values (missing ones take `defaults`); InvalidInput names the field."""
     unknown = set(values) - set(PARAM_NAMES)
@@ -97,6 +121,12 @@ def validate(values: dict, *, defaults: GenerationParams | None = None, max_cont
             continue
         if name in ("stop_words", "bad_words"):
             setattr(p, name, _words(name, value))
+        elif name == "logprobs":
+            if not isinstance(value, bool):
+                raise InvalidInput(name, f"must be true or false, got {type(value).__name__}")
+            p.logprobs = value
+        elif name == "logit_bias":
+            p.logit_bias = _logit_bias(value)
         elif name == "random_seed":
             seed = _number(name, value, int)
             if not 0 <= seed <= UINT64_MAX:
@@ -128,6 +158,10 @@ def validate(values: dict, *, defaults: GenerationParams | None = None, max_cont
             raise InvalidInput(name, f"must be between -2 and 2, got {getattr(p, name)}")
     if not 0 <= p.min_length <= p.max_tokens:
         raise InvalidInput("min_length", f"must be between 0 and max_tokens ({p.max_tokens}), got {p.min_length}")
+    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidInput("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {p.top_logprobs}")
+    if p.top_logprobs and not p.logprobs:
+        raise InvalidInput("top_logprobs", "can only be used when `logprobs` is True")
     if p.beam_width != 1:
         raise InvalidInput("beam_width", f"only 1 (no beam search) is served, got {p.beam_width}")
     if p.length_penalty != 1.0:

@@ -36,6 +36,7 @@ from typing import Callable
 
 from bayling.errors import InvalidInput
 from bayling.params import NO_END_ID
+from bayling.model_repository import stepwise
 from bayling.model_repository.relay import Outbox, Relay
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,27 @@ class EngineRequest:
     random_seed: int | None = None
     streaming: bool = False
     return_log_probs: bool = False
+    # decoded step-wise (see stepwise.py): what CTranslate2's generate_batch does not offer
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    embedding_bias: "np.ndarray | None" = None   # [vocab] float32, added to the logits
+    return_generation_logits: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0)
+
+    @property
+    def stepwise(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.embedding_bias is not None
+                    or self.return_generation_logits)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a CTranslate2 call (its sampling options are per call)."""
         sampling = (1, 1.0, 1.0) if self.greedy else (self.top_k, self.top_p, self.temperature)
         seed = None if self.greedy else self.random_seed
         return (sampling, self.repetition_penalty, self.min_length, self.end_id,
-                tuple(tuple(w) for w in self.bad_words), self.return_log_probs, seed)
+                tuple(tuple(w) for w in self.bad_words), self.return_log_probs, self.stepwise, seed)
 
 
 @dataclass
@@ -77,6 +88,7 @@ class Emission:
     log_probs: list[float]
     final: bool
     error: Exception | None = None
+    logits: list | None = None       # generation logits, one [vocab] array per token (when asked)
 
 
 Sink = Callable[[Emission], None]
@@ -89,6 +101,7 @@ class _Active:
     box: Outbox = None       # what the relay sends: generated[box.sent:box.length]
     generated: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
+    logits: list = field(default_factory=list)      # only for return_generation_logits
     error: Exception | None = None
     done: bool = False
     stop_requested: bool = False
@@ -151,6 +164,9 @@ class Ct2Engine:
             raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
         if request.max_new_tokens < 1:
             raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
+        if request.embedding_bias is not None and len(request.embedding_bias) != vocab:
+            raise InvalidInput("embedding_bias", f"must hold one bias per token of the vocabulary ({vocab}), "
+                                                 f"got {len(request.embedding_bias)}")
         if request.top_k > vocab:
             raise InvalidInput("runtime_top_k", f"must be at most the vocabulary size {vocab}, got {request.top_k}")
         if request.end_id is not None and not NO_END_ID <= request.end_id < vocab:
@@ -229,7 +245,8 @@ class Ct2Engine:
                 self._pending.clear()
                 return []
             key = live[0].request.batch_key()
-            limit = 1 if key[-1] is not None else self.max_batch_size  # a seeded sample runs alone
+            stepwise = live[0].request.stepwise
+            limit = 1 if key[-1] is not None or stepwise else self.max_batch_size  # a seeded sample runs alone
             batch = [a for a in live if a.request.batch_key() == key][:limit]
             self._pending = deque(a for a in live if a not in batch)
             return batch
@@ -257,6 +274,9 @@ class Ct2Engine:
         """Generate for `batch`; True when it stopped early so that waiting requests can join."""
         self.batch_sizes.append(len(batch))
         first = batch[0].request
+        if first.stepwise:       # alone, with its own seeded sampler (stepwise.py)
+            stepwise.run(self, batch[0])
+            return False
         if first.random_seed is not None and not first.greedy:
             self._reseed(int(first.random_seed))
         generator = self.generator
@@ -282,11 +302,20 @@ class Ct2Engine:
         if first.bad_words:
             options["suppress_sequences"] = [[vocab[t] for t in w] for w in first.bad_words]
 
+        # CTranslate2 forwards prompts at once only up to the shortest one in the batch; the rest of a
+        # longer prompt comes back through the callback as forced steps, which are not generated tokens.
+        prompts = [len(a.request.input_ids) + len(a.generated) for a in batch]
+        forced = [n - min(prompts) for n in prompts]
+        options["max_length"] += max(forced)
+
         def on_token(step) -> bool:
             nonlocal arrivals, restart, newcomer_seen
             active = batch[step.batch_id]
             if active.done or restart:
                 return True  # (a restart regenerates this step's token)
+            if forced[step.batch_id]:
+                forced[step.batch_id] -= 1
+                return False
             if can_join and self._arrivals != arrivals:
                 newcomer_seen = newcomer_seen or time.monotonic()
                 if self._settled(newcomer_seen):
@@ -330,12 +359,13 @@ class Ct2Engine:
         try:
             if self.one_token_per_response and active.request.streaming:
                 for i in range(start, end - 1 if final else end):
-                    active.sink(Emission(active.generated[i:i + 1], active.log_probs[i:i + 1], False))
+                    active.sink(Emission(active.generated[i:i + 1], active.log_probs[i:i + 1], False,
+                                         logits=active.logits[i:i + 1] or None))
                 start = max(start, end - 1) if final else end
                 if not final:
                     return
             active.sink(Emission(active.generated[start:end], active.log_probs[start:end], final,
-                                 active.error if final else None))
+                                 active.error if final else None, active.logits[start:end] or None))
         except Exception:  # typically the client went away: stop generating for it (the relay closes it)
             active.done = True
             raise

@@ -12,7 +12,6 @@ from bayling.model_repository.triton_io import scalar
 
 UNSUPPORTED_ON_CPU = {
     "return_context_logits": "context logits",
-    "return_generation_logits": "generation logits",
 }
 
 
@@ -35,11 +34,12 @@ def engine_request(inputs: dict[str, np.ndarray], request_id: str, exclude_input
         if scalar(inputs, name, False):
             raise InvalidInput(name, f"{what} are not available from the CPU engine")
     for name in ("presence_penalty", "frequency_penalty"):
-        if scalar(inputs, name, 0.0):
-            raise InvalidInput(name, "is not supported by the CPU engine (CTranslate2); leave it at 0")
+        if not -2 <= scalar(inputs, name, 0.0) <= 2:
+            raise InvalidInput(name, f"must be between -2 and 2, got {scalar(inputs, name)}")
     bias = inputs.get("embedding_bias")
-    if bias is not None and bias.size and np.any(bias):
-        raise InvalidInput("embedding_bias", "is not supported by the CPU engine")
+    bias = bias.reshape(-1).astype(np.float32) if bias is not None and bias.size and np.any(bias) else None
+    if bias is not None and not np.all(np.isfinite(bias)):
+        raise InvalidInput("embedding_bias", "must be finite")
     stop = inputs.get("stop_words_list")
     bad = inputs.get("bad_words_list")
     streaming = bool(scalar(inputs, "streaming", False))
@@ -58,6 +58,10 @@ def engine_request(inputs: dict[str, np.ndarray], request_id: str, exclude_input
         random_seed=scalar(inputs, "random_seed"),
         streaming=streaming,
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
+        presence_penalty=float(scalar(inputs, "presence_penalty", 0.0)),
+        frequency_penalty=float(scalar(inputs, "frequency_penalty", 0.0)),
+        embedding_bias=bias,
+        return_generation_logits=bool(scalar(inputs, "return_generation_logits", False)),
     )
     if request.temperature <= 0 and not request.greedy:
         raise InvalidInput("temperature", "must be positive when sampling (use runtime_top_k 1 for greedy)")
@@ -81,4 +85,6 @@ def engine_outputs(emission: Emission, prefix_ids: list[int] = (), requested: fr
     if requested is None or "output_log_probs" in requested:
         probs = [0.0] * len(prefix_ids) + list(emission.log_probs)
         outputs["output_log_probs"] = np.array(probs, dtype=np.float32).reshape(1, 1, len(probs))
+    if emission.logits and (requested is None or "generation_logits" in requested):
+        outputs["generation_logits"] = np.stack(emission.logits).astype(np.float32)[None, None]   # [1, beam, n, vocab]
     return {k: v for k, v in outputs.items() if requested is None or k in requested}

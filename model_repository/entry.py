@@ -9,6 +9,7 @@ non-streamed answer. The Triton adapter supplies the engine call and the respons
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -22,9 +23,10 @@ from bayling.textstream import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from bayling.tokenization import word_list
 from bayling.model_repository.engine_text import EngineText
 from bayling.model_repository.relay import Outbox, Relay
+from bayling.model_repository.token_logprobs import TokenTexts, entries
 from bayling.model_repository.triton_io import bytes_array, scalar, text, texts
 
-SCALAR_PARAMS = tuple(name for name in PARAM_NAMES if name not in ("stop_words", "bad_words"))  # one tensor each
+SCALAR_PARAMS = tuple(name for name in PARAM_NAMES if name not in ("stop_words", "bad_words", "logit_bias"))  # one tensor each
 NOT_FROM_ENTRY = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
 
@@ -41,6 +43,12 @@ def generation_values(inputs: dict[str, np.ndarray]) -> dict:
     values = {name: scalar(inputs, name) for name in SCALAR_PARAMS}
     values["stop_words"] = texts(inputs, "stop_words")
     values["bad_words"] = texts(inputs, "bad_words")
+    bias = text(inputs, "logit_bias")
+    if bias:
+        try:
+            values["logit_bias"] = json.loads(bias)
+        except ValueError:
+            raise InvalidInput("logit_bias", "must be a JSON object {token_id: bias}") from None
     return values
 
 
@@ -63,6 +71,8 @@ class Entry:
     def __init__(self, text_ctx: EngineText):
         self.text = text_ctx
         self.max_context = text_ctx.manifest.max_context
+        self.engine_decoupled = True    # false: tensorrt_llm answers each request in one response
+        self.token_texts: TokenTexts | None = None    # made at the first request asking for logprobs
 
     def parse(self, inputs: dict[str, np.ndarray]) -> EntryRequest:
         for name in NOT_FROM_ENTRY:
@@ -71,11 +81,10 @@ class Entry:
         if scalar(inputs, "exclude_input_in_output", True) is False:
             raise InvalidInput("exclude_input_in_output", "the bayling model returns only the completion")
         params = validate(generation_values(inputs), defaults=self.text.defaults, max_context=self.max_context)
-        if self.text.manifest.engine == "ctranslate2":
-            for name in ("presence_penalty", "frequency_penalty"):
-                if getattr(params, name):
-                    raise InvalidInput(name, "is not supported by the CPU engine (CTranslate2); leave it at 0")
         vocab = self.text.manifest.vocab_size
+        outside = [t for t in params.logit_bias if t >= vocab]
+        if outside:
+            raise InvalidInput("logit_bias", f"has token ids outside the vocabulary of {vocab}: {outside[:5]}")
         for name in ("end_id", "pad_id"):
             token = getattr(params, name)
             if token is not None and token >= vocab:
@@ -111,6 +120,7 @@ class Entry:
                   "exclude_input_in_output": True, "repetition_penalty": p.repetition_penalty, **engine_sampling(p)}
         optional = {"min_length": p.min_length, "presence_penalty": p.presence_penalty,
                     "frequency_penalty": p.frequency_penalty}
+        optional.update(logprobs=p.logprobs, top_logprobs=p.top_logprobs)
         public.update({k: v for k, v in optional.items() if v})   # off: no tensor (an engine may refuse it)
         if p.random_seed is not None:
             public["random_seed"] = p.random_seed
@@ -122,21 +132,38 @@ class Entry:
             inputs["stop_words_list"] = word_list(stop_ids)[None]
         if p.bad_words:
             inputs["bad_words_list"] = self.text.encoder.encode_words(p.bad_words)[None]
+        if p.logit_bias:
+            bias = np.zeros((1, m.vocab_size), dtype=np.float32)
+            for token, value in p.logit_bias.items():
+                bias[0, token] = value
+            inputs[contract.LOGIT_BIAS_TENSOR] = bias
         return inputs
+
+    @staticmethod
+    def engine_output_names(req: EntryRequest) -> list[str]:
+        names = ["output_ids", "sequence_length"]
+        if req.params.logprobs:
+            names.append("output_log_probs")
+        if req.params.top_logprobs:
+            names.append("generation_logits")
+        return names
 
     def engine_streams(self, req: EntryRequest) -> bool:
         """Streamed answers, and answers with stop strings (found in the text, so that they end generation
-        at once), stream from the engine; any other answer comes from it in one response."""
-        return req.stream or bool(req.params.stop_words or self.text.manifest.stop_strings)
+        at once), stream from the engine; any other answer comes from it in one response. A non-decoupled
+        engine (bayling serve --decoupled false) always answers in one response."""
+        return self.engine_decoupled and (req.stream or bool(req.params.stop_words or self.text.manifest.stop_strings))
 
     def outputs(self, piece: str, req: EntryRequest, completion_tokens: int, finish_reason: str = "",
-                final: bool = False) -> dict[str, np.ndarray]:
+                final: bool = False, logprobs: list[dict] | None = None) -> dict[str, np.ndarray]:
         out = {
             "text_output": bytes_array([piece]),
             "finish_reason": bytes_array([finish_reason]),
             "prompt_tokens": np.array([[len(req.prompt_ids)]], dtype=np.int32),
             "completion_tokens": np.array([[completion_tokens]], dtype=np.int32),
         }
+        if logprobs is not None:
+            out["token_logprobs"] = bytes_array([json.dumps(logprobs, ensure_ascii=False)])
         if final and req.return_prompt_ids:
             out["prompt_ids"] = np.array([req.prompt_ids], dtype=np.int32)
         return out
@@ -150,8 +177,14 @@ class Entry:
         """
         stream = self.text.text_stream(req.params.stop_words, end_id=req.params.end_id)
         engine_stopped = False
+        tokens = TokenLog(self, req) if req.params.logprobs else None
+        if tokens is not None:
+            answer.logprobs = tokens.entries
         for outputs in engine_responses:
-            piece = stream.add_tokens(output_token_ids(outputs))
+            ids = output_token_ids(outputs)
+            piece = stream.add_tokens(ids)
+            if tokens is not None:
+                tokens.add(ids, outputs)
             if piece:
                 answer.add(piece, stream.completion_tokens)
             if (stream.finished or answer.cancelled) and not engine_stopped:
@@ -164,6 +197,24 @@ class Entry:
         reason = stream.finish_reason or (FINISH_LENGTH if stream.completion_tokens >= req.params.max_tokens else FINISH_STOP)
         answer.finish(stream.finish(reason), stream.completion_tokens, reason)
         return reason
+
+
+class TokenLog:
+    """The answer's tokens with their log probs (and alternatives), as OpenAI entries."""
+
+    def __init__(self, entry: Entry, req: EntryRequest):
+        if entry.token_texts is None:
+            entry.token_texts = TokenTexts(entry.text.tokenizer)
+        self._texts, self._top = entry.token_texts, req.params.top_logprobs
+        self.entries: list[dict] = []
+
+    def add(self, ids: list[int], outputs: dict[str, np.ndarray]) -> None:
+        probs = outputs.get("output_log_probs")
+        probs = [] if probs is None else np.asarray(probs).reshape(-1)[:len(ids)].tolist()
+        logits = outputs.get("generation_logits")
+        if logits is not None:
+            logits = np.asarray(logits).reshape(-1, np.asarray(logits).shape[-1])[:len(ids)]
+        self.entries += entries(self._texts, ids, probs, logits, self._top)
 
 
 Send = Callable[[dict[str, np.ndarray] | Exception | None, bool], None]   # (outputs, an error or None; final)
@@ -181,6 +232,8 @@ class Answer:
         self._counts: list[int] = []      # completion tokens after each piece
         self._reason = ""
         self._error: Exception | None = None
+        self.logprobs: list[dict] = []      # the answer's token entries so far (when asked)
+        self._marks: list[int] = []         # len(logprobs) at each piece
         self.box = Outbox(self._deliver, is_cancelled, on_cancel)
         relay.watch(self.box)
 
@@ -191,6 +244,7 @@ class Answer:
     def add(self, piece: str, completion_tokens: int) -> None:
         self._pieces.append(piece)
         self._counts.append(completion_tokens)
+        self._marks.append(min(len(self.logprobs), completion_tokens))
         if self._req.stream:
             self.box.length = len(self._pieces)
             self._relay.wake(self.box)
@@ -198,6 +252,7 @@ class Answer:
     def finish(self, tail: str, completion_tokens: int, reason: str) -> None:
         self._pieces.append(tail)
         self._counts.append(completion_tokens)
+        self._marks.append(min(len(self.logprobs), completion_tokens))
         self._reason = reason
         self.box.length = len(self._pieces)
         self.box.final = True
@@ -218,4 +273,9 @@ class Answer:
             return
         text = "".join(self._pieces[start:end])
         tokens = self._counts[end - 1] if end else 0
-        self._send(self._entry.outputs(text, self._req, tokens, self._reason if final else "", final), final)
+        logprobs = None
+        if self._req.params.logprobs:
+            first = self._marks[start - 1] if start else 0
+            logprobs = self.logprobs[first:self._marks[end - 1]] if end else []
+        self._send(self._entry.outputs(text, self._req, tokens, self._reason if final else "", final, logprobs),
+                   final)

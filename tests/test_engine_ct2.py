@@ -201,3 +201,73 @@ def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, pr
         del engine.generator
     assert out.tokens == script
     assert all(len(e.token_ids) <= 1 for e in out.emissions)   # ... and still leave one by one
+
+
+# --- step-wise decoding (stepwise.py): logit bias, OpenAI penalties, generation logits
+
+def test_step_wise_greedy_follows_the_script_with_the_same_log_probs(engine, prompt_and_script):
+    """A zero bias takes the step-wise path and must give what generate_batch gives."""
+    import numpy as np
+
+    prompt, script = prompt_and_script
+    plain, stepped = Collector(), Collector()
+    engine.submit(greedy(prompt, return_log_probs=True), plain)
+    plain.wait()
+    vocab = len(engine.vocabulary)
+    engine.submit(greedy(prompt, streaming=True, embedding_bias=np.zeros(vocab, np.float32),
+                         return_generation_logits=True), stepped)
+    stepped.wait()
+    assert stepped.tokens == plain.tokens == script
+    log_probs = [p for e in stepped.emissions for p in e.log_probs]
+    assert log_probs == pytest.approx([p for e in plain.emissions for p in e.log_probs], abs=0.05)
+    logits = [row for e in stepped.emissions for row in (e.logits or [])]
+    assert len(logits) == len(script) and all(int(np.argmax(row)) == t for row, t in zip(logits, script))
+
+
+def test_logit_bias_and_penalties_change_the_choice(engine, prompt_and_script):
+    import numpy as np
+
+    prompt, script = prompt_and_script
+    vocab = len(engine.vocabulary)
+    bias = np.zeros(vocab, np.float32)
+    bias[script[0]] = -1e6                        # the script's first token is banned ... (its logits are huge)
+    bias[7] = 1e6                                 # ... and token 7 forced
+    out = Collector()
+    engine.submit(greedy(prompt, max_new_tokens=3, embedding_bias=bias), out)
+    assert out.wait().tokens == [7, 7, 7]
+
+
+def test_openai_penalties_and_bias_are_applied_to_the_logits_as_openai_defines_them():
+    import numpy as np
+
+    from bayling.model_repository import stepwise
+
+    raw = np.array([1.0, 2.0, 3.0, -1.0], np.float32)
+    counts = np.array([0, 1, 3, 0], np.float32)
+    request = EngineRequest(request_id="", input_ids=[0], max_new_tokens=4, end_id=3, min_length=2,
+                            presence_penalty=0.5, frequency_penalty=0.25, embedding_bias=np.array([1, 0, 0, 0], np.float32))
+    x = stepwise.adjusted(raw, request, [0, 1, 2, 2, 2], counts, n_generated=1)
+    # + bias, - 0.25 * count - 0.5 * (count > 0); the end id is held off below min_length
+    assert x[:3].tolist() == pytest.approx([2.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5]) and x[3] == -np.inf
+    assert stepwise.log_softmax_at(raw, 2) == pytest.approx(float(np.log(np.exp(3) / np.exp(raw).sum())))
+
+
+def test_step_wise_sampling_follows_its_seed_and_the_top_k_top_p_limits():
+    import numpy as np
+
+    from bayling.model_repository import stepwise
+
+    flat = np.zeros(1000, np.float32)
+    sampling = EngineRequest(request_id="", input_ids=[0], max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0)
+
+    def draws(seed, request=sampling, logits=flat):
+        rng = np.random.default_rng(seed)
+        return [stepwise.choose(logits, request, rng) for _ in range(20)]
+
+    assert draws(5) == draws(5) and draws(5) != draws(6)
+    top_k = EngineRequest(request_id="", input_ids=[0], max_new_tokens=4, top_k=3, top_p=1.0)
+    ranked = np.arange(1000, dtype=np.float32) / 100
+    assert set(draws(1, top_k, ranked)) <= {997, 998, 999}
+    top_p = EngineRequest(request_id="", input_ids=[0], max_new_tokens=4, top_k=0, top_p=0.5)
+    peaked = np.where(np.arange(1000) == 3, 20.0, 0.0).astype(np.float32)
+    assert set(draws(2, top_p, peaked)) == {3}

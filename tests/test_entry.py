@@ -104,9 +104,58 @@ def test_engine_inputs_follow_the_contract(entry):
     assert engine["stop_words_list"].shape[:2] == (1, 2) and engine["random_seed"].dtype == np.uint64
 
 
-def test_the_cpu_engine_s_missing_penalties_are_refused_up_front(entry):
-    with pytest.raises(InvalidInput, match="^presence_penalty: is not supported by the CPU engine"):
-        entry.parse(inputs(text_input="a", presence_penalty=0.5))
+def test_openai_options_become_nvidia_s_engine_tensors(entry):
+    request = entry.parse(inputs(text_input="a", presence_penalty=0.5, frequency_penalty=-1.0, logprobs=True,
+                                 top_logprobs=3, logit_bias=json.dumps({"5": 10, "7": -100})))
+    engine = entry.engine_inputs(request)
+    assert engine["presence_penalty"][0, 0] == 0.5 and engine["frequency_penalty"][0, 0] == -1.0
+    assert engine["return_log_probs"][0, 0] and engine["return_generation_logits"][0, 0]
+    bias = engine["embedding_bias"]
+    assert bias.shape == (1, entry.text.manifest.vocab_size) and bias.dtype == np.float32
+    assert (bias[0, 5], bias[0, 7], np.count_nonzero(bias)) == (10, -100, 2)
+    assert entry.engine_output_names(request) == ["output_ids", "sequence_length", "output_log_probs",
+                                                  "generation_logits"]
+    plain = entry.engine_inputs(entry.parse(inputs(text_input="a")))
+    assert not {"return_log_probs", "return_generation_logits", "embedding_bias", "presence_penalty"} & set(plain)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"top_logprobs": 2}, "^top_logprobs: can only be used when `logprobs` is True"),
+    ({"logprobs": True, "top_logprobs": 21}, "^top_logprobs: must be between 0 and 20"),
+    ({"logit_bias": "{\"x\": 1}"}, "^logit_bias: keys must be token ids"),
+    ({"logit_bias": "{\"1\": 101}"}, "^logit_bias: biases must be numbers between -100 and 100"),
+    ({"logit_bias": "{\"999999\": 1}"}, "^logit_bias: has token ids outside the vocabulary"),
+    ({"logit_bias": "[1"}, "^logit_bias: must be a JSON object"),
+    ({"presence_penalty": 2.5}, "^presence_penalty: must be between -2 and 2"),
+])
+def test_openai_options_out_of_range_name_the_field(entry, values, message):
+    with pytest.raises(InvalidInput, match=message):
+        entry.parse(inputs(text_input="a", **values))
+
+
+def test_token_logprobs_cover_the_text_of_each_response(entry, llama_tokenizer, relay):
+    ids = llama_tokenizer.encode("I am here. ### more words", add_special_tokens=False)
+    vocab = entry.text.manifest.vocab_size
+    request = entry.parse(inputs(text_input="x", stream=True, max_tokens=50, stop_words=["###"], logprobs=True,
+                                 top_logprobs=2))
+    sent, done = [], threading.Event()
+
+    def responses():
+        for i, t in enumerate(ids):
+            logits = np.zeros((1, 1, 1, vocab), np.float32)
+            logits[0, 0, 0, t] = 5.0
+            yield {"output_ids": np.array([[[t]]], np.int32), "sequence_length": np.array([[1]], np.int32),
+                   "output_log_probs": np.array([[[-0.1 * i]]], np.float32), "generation_logits": logits}
+
+    answer = Answer(entry, request, relay, lambda o, final: (sent.append(o), final and done.set()))
+    assert entry.generate(request, responses(), lambda: None, answer) == "stop"
+    assert done.wait(10)
+    tokens = [e for o in sent for e in json.loads(o["token_logprobs"][0, 0])]
+    completion = sent[-1]["completion_tokens"][0, 0]
+    assert len(tokens) == completion and [e["logprob"] for e in tokens] == pytest.approx([-0.1 * i for i in range(completion)])
+    assert "".join(e["token"] for e in tokens).lstrip().startswith("I am here.")   # SentencePiece: "▁I" is " I"
+    assert all(bytes(e["bytes"]).decode() == e["token"] for e in tokens)
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"] for e in tokens)
 
 
 def test_end_and_pad_ids_are_the_model_s_unless_given(entry):

@@ -7,7 +7,7 @@ import pytest
 from bayling.errors import InvalidInput
 from bayling.params import PARAM_NAMES, GenerationParams, validate
 
-NUMERIC = [name for name in PARAM_NAMES if name not in ("stop_words", "bad_words")]
+NUMERIC = [name for name in PARAM_NAMES if name not in ("stop_words", "bad_words", "logprobs", "logit_bias")]
 INTEGER = ["max_tokens", "top_k", "min_length", "beam_width", "random_seed", "end_id", "pad_id"]
 
 
@@ -82,3 +82,17 @@ def test_integers_beyond_the_int32_tensors_are_refused_by_name():
         with pytest.raises(InvalidInput, match=f"^{name}: must be between -2147483648 and 2147483647"):
             validate({name: 2**40})
     assert validate({"random_seed": 2**40}).random_seed == 2**40      # a UINT64 tensor
+
+
+def test_openai_options_logprobs_top_logprobs_and_logit_bias():
+    p = validate({"logprobs": True, "top_logprobs": 20, "logit_bias": {"5": -100, 7: 2.5}})
+    assert (p.logprobs, p.top_logprobs, p.logit_bias) == (True, 20, {5: -100.0, 7: 2.5})
+    for values, message in [({"logprobs": 1}, "^logprobs: must be true or false"),
+                            ({"logprobs": True, "top_logprobs": -1}, "^top_logprobs: must be between 0 and 20"),
+                            ({"top_logprobs": 1}, "^top_logprobs: can only be used when `logprobs` is True"),
+                            ({"logit_bias": [1]}, "^logit_bias: must be an object"),
+                            ({"logit_bias": {"-1": 1}}, "^logit_bias: keys must be token ids"),
+                            ({"logit_bias": {"1": math.nan}}, "^logit_bias: biases must be numbers"),
+                            ({"logit_bias": {str(i): 1 for i in range(1025)}}, "^logit_bias: has 1025 entries")]:
+        with pytest.raises(InvalidInput, match=message):
+            validate(values)

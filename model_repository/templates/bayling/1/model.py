@@ -28,6 +28,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = io.model_parameters(args)
         self.entry = Entry(load_engine_text(params["engine_dir"]))
+        self.entry.engine_decoupled = params.get("engine_decoupled", "true") == "true"
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_concurrency"]), thread_name_prefix="bayling")
         self.relay = Relay(name="bayling-relay")
         # A metric lives only as long as its family: keep the family referenced.
@@ -91,8 +92,8 @@ class TritonPythonModel:
     def _engine(self, req, request_id, sender):
         inputs = [pb_utils.Tensor(k, v) for k, v in self.entry.engine_inputs(req).items()]
         call = pb_utils.InferenceRequest(model_name=ENGINE_MODEL, inputs=inputs, request_id=request_id,
-                                         requested_output_names=["output_ids", "sequence_length"])
-        responses = call.exec(decoupled=True)
+                                         requested_output_names=self.entry.engine_output_names(req))
+        responses = call.exec(decoupled=True) if self.entry.engine_decoupled else iter([call.exec()])
         try:
             for response in responses:
                 if response.has_error():
@@ -125,6 +126,8 @@ class TritonPythonModel:
                   pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))]
         call = pb_utils.InferenceRequest(model_name=ENGINE_MODEL, inputs=inputs, request_id=request_id,
                                          requested_output_names=["output_ids"])
+        if not self.entry.engine_decoupled:
+            return    # one response per request: nothing runs on to be stopped
         for _ in call.exec(decoupled=True):
             pass
 
