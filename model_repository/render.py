@@ -27,7 +27,8 @@ from bayling import contract
 from bayling.errors import BaylingError
 from bayling.manifest import ENGINE_SUBDIRS, EngineManifest, read_manifest
 
-MODELS = ("preprocessing", contract.ENGINE_MODEL, "postprocessing", contract.ENSEMBLE_MODEL, contract.ENTRY_MODEL)
+MODELS = ("preprocessing", contract.ENGINE_MODEL, "postprocessing", contract.ENSEMBLE_MODEL, contract.ENTRY_MODEL,
+          contract.BLS_MODEL)
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RenderOptions:
     entry_instances: int | None = None  # `bayling` model processes (None: from the cores, see text_instances_for)
     text_instances: int | None = None   # `preprocessing` / `postprocessing` processes (None: likewise)
     one_token_per_response: bool = False  # CPU engine: stream each token alone, as TensorRT-LLM does
+    decoupled: bool = True          # tensorrt_llm and tensorrt_llm_bls decoupled (streaming), as NVIDIA's
+                                    # decoupled_mode; false: one response per request (unary ModelInfer)
 
 
 def available_cores() -> int:
@@ -88,13 +91,20 @@ def ensemble_scheduling() -> str:
         maps += [f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
         return f'    {{\n      model_name: "{model}"\n      model_version: -1\n' + "\n".join(maps) + "\n    }"
 
-    pre = step("preprocessing",
-               {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
-                "STOP_WORDS_DICT": "stop_words", "END_ID": "end_id", "PAD_ID": "pad_id"},
-               {t.name: f"_{t.name}" for t in contract.PREPROCESSING_OUTPUTS})
-    engine_in = {"input_ids": "_INPUT_ID", "input_lengths": "_REQUEST_INPUT_LEN",
+    # NVIDIA's wiring (all_models/inflight_batcher_llm/ensemble/config.pbtxt of v0.17.0)
+    pre_in = {"QUERY": "text_input", "DECODER_QUERY": "decoder_text_input", "REQUEST_OUTPUT_LEN": "max_tokens",
+              "BAD_WORDS_DICT": "bad_words", "STOP_WORDS_DICT": "stop_words",
+              "EMBEDDING_BIAS_WORDS": "embedding_bias_words", "EMBEDDING_BIAS_WEIGHTS": "embedding_bias_weights",
+              "END_ID": "end_id", "PAD_ID": "pad_id", "PROMPT_TABLE_EXTRA_ID": "prompt_table_extra_id"}
+    pre_out = ("INPUT_ID", "REQUEST_INPUT_LEN", "DECODER_INPUT_ID", "REQUEST_DECODER_INPUT_LEN", "REQUEST_OUTPUT_LEN",
+               "STOP_WORDS_IDS", "BAD_WORDS_IDS", "EMBEDDING_BIAS", "OUT_END_ID", "OUT_PAD_ID",
+               "OUT_PROMPT_TABLE_EXTRA_IDS")
+    pre = step("preprocessing", pre_in, {name: f"_{name}" for name in pre_out})
+    engine_in = {"input_ids": "_INPUT_ID", "decoder_input_ids": "_DECODER_INPUT_ID",
+                 "input_lengths": "_REQUEST_INPUT_LEN", "decoder_input_lengths": "_REQUEST_DECODER_INPUT_LEN",
                  "request_output_len": "_REQUEST_OUTPUT_LEN", "end_id": "_OUT_END_ID", "pad_id": "_OUT_PAD_ID",
-                 "stop_words_list": "_STOP_WORDS_IDS", "bad_words_list": "_BAD_WORDS_IDS"}
+                 "embedding_bias": "_EMBEDDING_BIAS", "stop_words_list": "_STOP_WORDS_IDS",
+                 "bad_words_list": "_BAD_WORDS_IDS", "prompt_table_extra_ids": "_OUT_PROMPT_TABLE_EXTRA_IDS"}
     engine_in.update({engine: public for public, engine in contract.ENSEMBLE_TO_ENGINE.items()})
     public_outputs = {t.name for t in contract.ENSEMBLE_OUTPUTS}
     engine_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
@@ -143,6 +153,7 @@ def render_config(model: str, manifest: EngineManifest, engine_dir: Path, option
     values = {k: str(v) for k, v in asdict(options).items()}
     values["cpu_threads"] = str(cpu_threads_for(manifest, options.cpu_threads))
     values["one_token_per_response"] = "true" if options.one_token_per_response else "false"
+    values["decoupled"] = "true" if options.decoupled else "false"
     cores = available_cores()
     values["entry_instances"] = str(text_instances_for(options.entry_instances, cores))
     values["text_instances"] = str(text_instances_for(options.text_instances, cores))
@@ -204,11 +215,23 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-token-per-response", action="store_true",
                         help="the CPU engine streams each token in its own response, as TensorRT-LLM does (default: "
                              "the tokens made while a response was being sent leave together)")
+    parser.add_argument("--decoupled", type=_boolean, default=d.decoupled, metavar="{true,false}",
+                        help="deploy tensorrt_llm and tensorrt_llm_bls decoupled, streaming (default true), or not, "
+                             "for unary ModelInfer / HTTP infer clients such as NVIDIA's end_to_end_test.py "
+                             "(NVIDIA's decoupled_mode)")
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def options_from(args: argparse.Namespace) -> RenderOptions:
     options = RenderOptions(args.max_batch_size, args.max_concurrency, args.cpu_threads, args.entry_instances,
-                            args.text_instances, args.one_token_per_response)
+                            args.text_instances, args.one_token_per_response, args.decoupled)
     for name in ("max_batch_size", "max_concurrency", "entry_instances", "text_instances"):
         value = getattr(options, name)
         if value is not None and value < 1:

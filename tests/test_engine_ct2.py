@@ -271,3 +271,25 @@ def test_step_wise_sampling_follows_its_seed_and_the_top_k_top_p_limits():
     top_p = EngineRequest(request_id="", input_ids=[0], max_new_tokens=4, top_k=0, top_p=0.5)
     peaked = np.where(np.arange(1000) == 3, 20.0, 0.0).astype(np.float32)
     assert set(draws(2, top_p, peaked)) == {3}
+
+
+def test_prompts_of_different_lengths_in_one_batch_get_what_each_gets_alone(default_engine, smol_tokenizer):
+    """CTranslate2 forwards a batch's prompts at once only up to the shortest; the tails of longer prompts
+    come back through the callback as forced steps, which must not be taken for generated tokens."""
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), gather_ms=50)
+    prompts = [smol_tokenizer.encode(p) for p in ("The capital of France is", "One, two, three,", "Hello")]
+    try:
+        alone = []
+        for prompt in prompts:
+            out = Collector()
+            engine.submit(EngineRequest("", prompt, 8, end_id=-1, top_k=1), out)
+            alone.append(out.wait().tokens)
+        before = len(engine.batch_sizes)
+        outs = [Collector() for _ in prompts]
+        for prompt, out in zip(prompts, outs):
+            engine.submit(EngineRequest("", prompt, 8, end_id=-1, top_k=1), out)
+        assert [out.wait().tokens for out in outs] == alone
+        assert max(list(engine.batch_sizes)[before:]) == 3
+    finally:
+        engine.shutdown()
+        del engine.generator

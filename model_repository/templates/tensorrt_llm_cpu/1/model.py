@@ -1,13 +1,16 @@
 """Triton adapter of the CPU engine model `tensorrt_llm`; the logic is
-`bayling.model_repository.engine_ct2` (generation, batching) and `engine_io` (tensors)."""
+`bayling.model_repository.engine_ct2` (generation, batching), `engine_io` (tensors) and
+`engine_batch` (a call's batch and num_return_sequences, decoupled or unary responses)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from bayling.contract import ENGINE_INPUTS
+from bayling.errors import InvalidInput
 from bayling.manifest import ENGINE_SUBDIRS
-from bayling.model_repository import engine_io
+from bayling.model_repository import engine_batch, engine_io
 from bayling.model_repository import triton_io as io
 from bayling.model_repository.engine_ct2 import Ct2Engine
 
@@ -22,6 +25,10 @@ class TritonPythonModel:
                                 intra_threads=int(params["intra_threads"]),
                                 one_token_per_response=params["one_token_per_response"] == "true")
         self.exclude_input = params["exclude_input_in_output"] == "true"
+        # Unary (NVIDIA's decoupled_mode false): each request gets exactly one response, sent final
+        # through the response sender (which a non-decoupled Python model may use once).
+        self.decoupled = params.get("decoupled", "true") == "true"
+        self.calls: dict[str, list[str]] = {}   # a call's request id -> its engine requests' ids (for `stop`)
         # A metric lives only as long as its family: keep the family referenced.
         self.tokens_family = pb_utils.MetricFamily(name="bayling_engine_generated_tokens_total",
                                                    kind=pb_utils.MetricFamily.COUNTER,
@@ -34,25 +41,55 @@ class TritonPythonModel:
             try:
                 inputs = io.read_inputs(request, ENGINE_INPUTS)
                 if engine_io.is_stop_request(inputs):
-                    self.engine.stop(request.request_id())
+                    for request_id in self.calls.get(request.request_id(), ()):
+                        self.engine.stop(request_id)
                     sender.send(flags=FINAL)
                     continue
-                req, include_input = engine_io.engine_request(inputs, request.request_id(), self.exclude_input)
-                requested = frozenset(request.requested_output_names()) or None
-                self.engine.submit(req, self._sink(sender, req.input_ids if include_input else [], requested),
-                                   sender.is_cancelled)
+                self._submit(request, inputs, sender)
             except Exception as exc:
                 sender.send(io.error_response(exc), flags=FINAL)
         return None
 
-    def _sink(self, sender, prefix_ids, requested):
-        def send(emission):
+    def _submit(self, request, inputs, sender):
+        engine_batch.refuse_unsupported(inputs)
+        items = engine_batch.split(inputs)
+        call_id = request.request_id()
+        planned = []    # validate every member before any runs
+        for b, item in enumerate(items):
+            req, include_input = engine_io.engine_request(item, call_id, self.exclude_input)
+            if req.streaming and not self.decoupled:
+                raise InvalidInput("streaming", "needs the decoupled deployment of tensorrt_llm (bayling serve "
+                                                "--decoupled true)")
+            n = engine_batch.return_sequences(item)
+            for s in range(n):
+                sub_id = call_id if len(items) == 1 and n == 1 else f"{call_id}/{b}/{s}"
+                member = replace(req, request_id=sub_id)
+                self.engine.validate(member)
+                planned.append((b, s, member, req.input_ids if include_input else []))
+        pad_id = engine_batch.scalar(items[0], "pad_id", 0) or 0
+        group = engine_batch.Group(self._sender(sender, call_id), self.decoupled,
+                                   frozenset(request.requested_output_names()) or None, pad_id)
+        sinks = [(member, group.add(b, s, prefix)) for b, s, member, prefix in planned]
+        if call_id and len(sinks) > 1:
+            self.calls[call_id] = [member.request_id for member, _ in sinks]
+        for member, sink in sinks:
+            self.engine.submit(member, self._counted(sink), sender.is_cancelled)
+
+    def _counted(self, sink):
+        def emit(emission):
             if emission.token_ids:
                 self.tokens_metric.increment(len(emission.token_ids))
-            if emission.error is not None:
-                sender.send(io.error_response(emission.error), flags=FINAL)
+            sink(emission)
+        return emit
+
+    def _sender(self, sender, call_id):
+        def send(outputs, final):
+            if final:
+                self.calls.pop(call_id, None)
+            if isinstance(outputs, Exception):
+                sender.send(io.error_response(outputs), flags=FINAL if final else 0)
             else:
-                io.send(sender, engine_io.engine_outputs(emission, prefix_ids, requested), emission.final)
+                io.send(sender, outputs, final)
         return send
 
     def finalize(self):
