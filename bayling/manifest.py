@@ -8,6 +8,8 @@ An engine folder looks the same for both targets::
       chat_template.jinja  the chat template the server applies to `messages`
       ctranslate2/         the CPU INT8 engine            (engine == "ctranslate2")
       trtllm/              the TensorRT-LLM engine(s)     (engine == "tensorrt_llm")
+      llmapi/              a Model Optimizer checkpoint and llm_api.json, for TensorRT-LLM's LLM API
+                                                          (engine == "tensorrt_llm_llmapi")
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from bayling.files import write_atomically
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
-ENGINE_SUBDIRS = {"ctranslate2": "ctranslate2", "tensorrt_llm": "trtllm"}
+ENGINE_SUBDIRS = {"ctranslate2": "ctranslate2", "tensorrt_llm": "trtllm", "tensorrt_llm_llmapi": "llmapi"}
 FORMAT_VERSION = 1
 
 
 @dataclass
 class EngineManifest:
-    engine: str                      # "ctranslate2" or "tensorrt_llm"
+    engine: str                      # "ctranslate2", "tensorrt_llm" or "tensorrt_llm_llmapi"
     model_name: str                  # shown to users, e.g. "BayLing-13B-v1.1"
     template: str                    # "bayling", "bayling-3" or "hf"
     placeholders: bool               # replace BayLing's model-card placeholders in outputs

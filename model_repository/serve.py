@@ -81,7 +81,7 @@ def start_server(options: ServeOptions) -> TritonServer:
     ports = [p or free_port() for p in (options.http_port, options.grpc_port, options.metrics_port)]
     run_dir = options.run_dir or cache_dir() / "run" / f"{engine.resolve().name}-{ports[1]}"
     repo = render_repository(engine, run_dir / "model_repository", options.render)
-    if manifest.engine == "tensorrt_llm":
+    if manifest.engine in ("tensorrt_llm", "tensorrt_llm_llmapi"):   # both run in NVIDIA's container
         launcher = container_launcher()
         launcher.env.update(gpu_environment(manifest))
     else:
