@@ -95,11 +95,12 @@ class LlmApiSettings:
 
 
 def load_llm(checkpoint_dir: Path, settings: LlmApiSettings):
-    """The LLM object and the SamplingParams class (on the GPU, inside the pinned container)."""
+    """The LLM object and the SamplingParams class (on the GPU, inside the pinned container). Another
+    factory 'module:LLM' takes SamplingParams and KvCacheConfig from its own module."""
+    module = settings.factory.partition(":")[0]
     llm_cls = import_object(settings.factory)
-    kv_cls = import_object(KV_CACHE_CONFIG) if settings.factory == DEFAULT_FACTORY else None
-    sampling_cls = import_object(SAMPLING_PARAMS) if settings.factory == DEFAULT_FACTORY else \
-        import_object(settings.factory.rsplit(":", 1)[0] + ":SamplingParams")
+    sampling_cls = import_object(SAMPLING_PARAMS if settings.factory == DEFAULT_FACTORY else f"{module}:SamplingParams")
+    kv_cls = import_object(KV_CACHE_CONFIG if settings.factory == DEFAULT_FACTORY else f"{module}:KvCacheConfig")
     return llm_cls(**settings.llm_kwargs(checkpoint_dir, kv_cls)), sampling_cls
 
 
