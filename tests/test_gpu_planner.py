@@ -238,3 +238,28 @@ def test_the_runbook_tables_in_docs_are_the_planners_current_output():
     assert len(rows) == 2 + 2 * 4 * 4 + 2 + 2 * 2 * 6
     missing = [row for row in rows if row not in docs]
     assert not missing, f"docs/gpu.md is stale; first stale row: {missing[0]}"
+
+
+def test_fp8_weights_are_one_byte_with_16_bit_embeddings_like_int8_weight_only_without_scales():
+    m = gp.LLAMA_13B
+    linear = m.num_layers * m.linear_params_per_layer
+    assert gp.weight_bytes(m, "fp8") == linear + 2 * (2 * m.embedding_params + m.norm_params)
+    assert gp.weight_bytes(m, "fp8") < gp.weight_bytes(m, "int8-wo") < gp.weight_bytes(m, "fp16")
+    assert gp.plan(m, "fp8", "fp16", 1, 24 * gp.GiB).calibration     # FP8 activations are calibrated
+
+
+def test_the_llm_api_settings_are_the_plans_limits():
+    plan = gp.plan(gp.LLAMA_7B, "int8-wo", "fp16", 1, 16 * gp.GiB)
+    s = plan.llm_api_settings()
+    assert (s["max_batch_size"], s["max_num_tokens"], s["max_seq_len"]) == (plan.max_batch_size, plan.max_num_tokens,
+                                                                           plan.max_seq_len)
+    assert s["kv_cache_config"] == {"free_gpu_memory_fraction": 0.88, "max_tokens": plan.max_tokens_in_paged_kv_cache,
+                                    "enable_block_reuse": True}
+    assert s["enable_chunked_prefill"] is True and s["max_beam_width"] == 1
+
+
+def test_13b_with_a_16_bit_kv_cache_does_not_fit_16_gib_but_int8_kv_does():
+    """Why 16 GB GPUs take the TensorRT engine path for 13B: the LLM API target has no INT8 KV cache."""
+    with pytest.raises(BaylingError, match="does not fit in 16.00 GiB"):
+        gp.plan(gp.LLAMA_13B, "int8-wo", "fp16", 1, 16 * gp.GiB)
+    assert gp.plan(gp.LLAMA_13B, "int8-wo", "int8", 1, 16 * gp.GiB).max_batch_size >= 2
