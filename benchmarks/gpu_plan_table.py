@@ -17,7 +17,9 @@ from bayling.errors import BaylingError
 
 MODELS = (("BayLing-7B", LLAMA_7B), ("BayLing-13B", LLAMA_13B))
 GPUS_GIB = (16, 24, 40, 80)
-CONFIGS = (("int8-wo", "fp16"), ("int8-wo", "int8"), ("int8-sq", "fp16"), ("fp16", "fp16"))
+# The TensorRT engine target (trtllm) builds all but fp8; the LLM API target (trtllm-llmapi) takes
+# int8-wo / fp16 (W8A16) and fp8 / fp16 (Hopper, Ada): it has no INT8 KV cache.
+CONFIGS = (("int8-wo", "fp16"), ("int8-wo", "int8"), ("int8-sq", "fp16"), ("fp16", "fp16"), ("fp8", "fp16"))
 
 # Memory bandwidth from NVIDIA's product pages / datasheets (GB/s, decimal).
 GPUS = (
