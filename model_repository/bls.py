@@ -14,7 +14,7 @@ import numpy as np
 
 from bayling import contract
 from bayling.errors import InvalidInput
-from bayling.model_repository.triton_io import scalar
+from bayling.model_repository.triton_io import scalar, text
 
 PUBLIC_OUTPUTS = frozenset(t.name for t in contract.BLS_OUTPUTS)
 # NVIDIA's BLS inputs the entry model reads under the same name
@@ -46,6 +46,20 @@ def bls_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def tensorrt_llm_sampling(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """TensorRT-LLM's defaults instead of BayLing's chat ones: greedy unless top_k (above 1) or top_p
+    (above 0) is given, temperature 1, as NVIDIA's BLS model passes the request to the engine."""
+    inputs = dict(inputs)
+    top_k, top_p = scalar(inputs, "top_k", 0) or 0, scalar(inputs, "top_p", 0.0) or 0.0
+    if top_p == 0:
+        inputs.pop("top_p", None)
+        if top_k in (0, 1):
+            inputs["top_k"] = np.ones((1, 1), dtype=np.int32)
+    if "temperature" not in inputs:
+        inputs["temperature"] = np.ones((1, 1), dtype=np.float32)
+    return inputs
+
+
 class BlsEntry:
     """An `Entry` seen through NVIDIA's BLS interface: everything is the entry's, but its outputs."""
 
@@ -55,5 +69,15 @@ class BlsEntry:
     def __getattr__(self, name):
         return getattr(self._entry, name)
 
-    def outputs(self, *args, **kwargs) -> dict[str, np.ndarray]:
-        return bls_outputs(self._entry.outputs(*args, **kwargs))
+    def parse(self, inputs: dict[str, np.ndarray]):
+        """As the entry, but exclude_input_in_output false puts the prompt before a non-streamed answer
+        (a streamed one never repeats it, as TensorRT-LLM's streaming)."""
+        include = scalar(inputs, "exclude_input_in_output", True) is False
+        req = self._entry.parse(tensorrt_llm_sampling({k: v for k, v in inputs.items() if k != "exclude_input_in_output"}))
+        req.prompt_text = text(inputs, "text_input") if include and not req.stream else ""
+        return req
+
+    def outputs(self, piece: str, req, *args, **kwargs) -> dict[str, np.ndarray]:
+        if getattr(req, "prompt_text", ""):
+            piece, req.prompt_text = req.prompt_text + piece, ""
+        return bls_outputs(self._entry.outputs(piece, req, *args, **kwargs))

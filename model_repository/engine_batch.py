@@ -129,12 +129,13 @@ class Group:
     def _unary(self) -> dict[str, np.ndarray]:
         batch = max(m.batch_index for m in self.members) + 1
         width = max(m.sequence_index for m in self.members) + 1
-        rows = {(m.batch_index, m.sequence_index): (m.prefix_ids + m.ids, [0.0] * len(m.prefix_ids) + m.log_probs)
-                for m in self.members}
+        # output_log_probs cover the generated tokens only, as TensorRT-LLM's (also when the input is returned)
+        rows = {(m.batch_index, m.sequence_index): (m.prefix_ids + m.ids, m.log_probs) for m in self.members}
         longest = max(len(ids) for ids, _ in rows.values())
+        generated = max(len(probs) for _, probs in rows.values())
         output_ids = np.full((batch, width, longest), self.pad_id, dtype=np.int32)
         lengths = np.zeros((batch, width), dtype=np.int32)
-        log_probs = np.zeros((batch, width, longest), dtype=np.float32)
+        log_probs = np.zeros((batch, width, generated), dtype=np.float32)
         for (b, s), (ids, probs) in rows.items():
             output_ids[b, s, :len(ids)] = ids
             lengths[b, s] = len(ids)

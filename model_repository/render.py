@@ -99,10 +99,12 @@ def ensemble_scheduling() -> str:
     pre_out = ("INPUT_ID", "REQUEST_INPUT_LEN", "DECODER_INPUT_ID", "REQUEST_DECODER_INPUT_LEN", "REQUEST_OUTPUT_LEN",
                "STOP_WORDS_IDS", "BAD_WORDS_IDS", "EMBEDDING_BIAS", "OUT_END_ID", "OUT_PAD_ID",
                "OUT_PROMPT_TABLE_EXTRA_IDS")
-    pre = step("preprocessing", pre_in, {name: f"_{name}" for name in pre_out})
+    internal = {"OUT_END_ID": "_PREPROCESSOR_END_ID", "OUT_PAD_ID": "_PREPROCESSOR_PAD_ID"}
+    pre = step("preprocessing", pre_in, {name: internal.get(name, f"_{name}") for name in pre_out})
     engine_in = {"input_ids": "_INPUT_ID", "decoder_input_ids": "_DECODER_INPUT_ID",
                  "input_lengths": "_REQUEST_INPUT_LEN", "decoder_input_lengths": "_REQUEST_DECODER_INPUT_LEN",
-                 "request_output_len": "_REQUEST_OUTPUT_LEN", "end_id": "_OUT_END_ID", "pad_id": "_OUT_PAD_ID",
+                 "request_output_len": "_REQUEST_OUTPUT_LEN", "end_id": "_PREPROCESSOR_END_ID",
+                 "pad_id": "_PREPROCESSOR_PAD_ID",
                  "embedding_bias": "_EMBEDDING_BIAS", "stop_words_list": "_STOP_WORDS_IDS",
                  "bad_words_list": "_BAD_WORDS_IDS", "prompt_table_extra_ids": "_OUT_PROMPT_TABLE_EXTRA_IDS"}
     engine_in.update({engine: public for public, engine in contract.ENSEMBLE_TO_ENGINE.items()})

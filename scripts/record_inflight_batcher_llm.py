@@ -80,6 +80,10 @@ def record(checkout: Path, tag: str) -> dict:
             "inputs": [tensor_record(t, dtypes) for t in config.input],
             "outputs": [tensor_record(t, dtypes) for t in config.output],
         }
+        if config.HasField("ensemble_scheduling"):
+            models[model]["steps"] = [{"model_name": step.model_name, "input_map": dict(step.input_map),
+                                       "output_map": dict(step.output_map)}
+                                      for step in config.ensemble_scheduling.step]
     return {"repository": "NVIDIA/tensorrtllm_backend", "tag": tag, "commit": commit, "models": models}
 
 
