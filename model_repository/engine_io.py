@@ -83,7 +83,7 @@ def engine_outputs(emission: Emission, prefix_ids: list[int] = (), requested: fr
     if requested is None or "cum_log_probs" in requested:
         outputs["cum_log_probs"] = np.array([[sum(emission.log_probs)]], dtype=np.float32)
     if requested is None or "output_log_probs" in requested:
-        probs = [0.0] * len(prefix_ids) + list(emission.log_probs)
+        probs = list(emission.log_probs)   # of the generated tokens only, as TensorRT-LLM's (also with the input)
         outputs["output_log_probs"] = np.array(probs, dtype=np.float32).reshape(1, 1, len(probs))
     if emission.logits and (requested is None or "generation_logits" in requested):
         outputs["generation_logits"] = np.stack(emission.logits).astype(np.float32)[None, None]   # [1, beam, n, vocab]
