@@ -158,6 +158,7 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     result: Any = None                # the LLM API's result, for abort()
+    started: bool = False             # the LLM API has produced its first token (it is scheduled)
     error: Exception | None = None
     done: bool = False
     stop_requested: bool = False
@@ -178,6 +179,10 @@ class LlmApiEngine:
         self.default_end_id = default_end_id
         self.one_token_per_response = one_token_per_response
         self.generated_tokens = 0
+        # Requests in the engine, and those the LLM API has scheduled (made a token for): what the C++
+        # backend reports as nv_trt_llm_request_metrics active / scheduled. Changed on the loop thread only.
+        self.active = 0
+        self.scheduled = 0
         self._by_id: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self.relay = Relay(poll_s=cancel_poll_s, name="llmapi-relay")
@@ -249,6 +254,7 @@ class LlmApiEngine:
 
     async def _generate(self, active: _Active, params) -> None:
         request = active.request
+        self.active += 1
         try:
             active.result = self.llm.generate_async({"prompt_token_ids": list(request.input_ids)}, params,
                                                     streaming=True)
@@ -285,6 +291,9 @@ class LlmApiEngine:
                 break
         n = len(active.generated)
         self.generated_tokens += n - start
+        if not active.started:
+            active.started = True
+            self.scheduled += 1
         if request.return_log_probs:
             active.log_probs.extend(token_log_probs(completion, start, n))
         else:
@@ -324,6 +333,8 @@ class LlmApiEngine:
     def _finish(self, active: _Active, error: Exception | None = None) -> None:
         if active.done:
             return
+        self.active -= 1
+        self.scheduled -= active.started
         active.error = error
         active.done = True
         active.box.length = len(active.generated)

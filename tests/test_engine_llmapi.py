@@ -15,6 +15,7 @@ import shutil
 import string
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,27 @@ def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script)
     assert engine.llm.aborted == aborted + 2            # the LLM API's requests were aborted, not left running
 
 
+def test_active_and_scheduled_requests_are_counted_as_the_cpp_backend_reports_them(engine, prompt_and_script):
+    prompt, _ = prompt_and_script
+    out, first = Collector(), threading.Event()
+
+    def held(emission):          # the client is slow: the request stays in the engine meanwhile
+        first.wait(10)
+        out(emission)
+
+    engine.submit(greedy(prompt, end_id=-1, max_new_tokens=40, streaming=True), held)
+    deadline = time.monotonic() + 10
+    while engine.scheduled < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active >= 1 and engine.scheduled >= 1
+    first.set()
+    out.wait()
+    deadline = time.monotonic() + 10
+    while (engine.active, engine.scheduled) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (engine.active, engine.scheduled) == (0, 0)
+
+
 def test_a_slow_client_gets_the_tokens_made_meanwhile_in_one_response(engine, prompt_and_script):
     prompt, script = prompt_and_script
     out, first = Collector(), threading.Event()
@@ -384,6 +406,22 @@ def test_the_whole_stack_serves_the_quantized_checkpoint_through_the_llmapi_mode
               "max_tokens": 40, "top_k": 1}
     status, body = http_generate(llmapi_server.http_url, prompt, model="ensemble")
     assert status == 200 and body["text_output"] == SCRIPT_SHOWN
+
+
+def test_the_llmapi_model_exports_the_request_gauge_the_chart_scales_on(llmapi_server, standin_engine_dir):
+    from tests.triton_helpers import metric
+
+    expected = read_manifest(standin_engine_dir).build["llm_api"]["max_batch_size"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(llmapi_server.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        if 'nv_trt_llm_request_metrics{request_type="max"}' in text:
+            break
+        time.sleep(0.5)
+    assert 'nv_trt_llm_request_metrics{request_type="max"}' in text, text[:2000]
+    assert metric(llmapi_server.metrics_url, 'nv_trt_llm_request_metrics{request_type="max"}') == expected
+    assert metric(llmapi_server.metrics_url, 'nv_trt_llm_request_metrics{request_type="active"}') == 0
 
 
 def test_bad_input_to_the_llmapi_model_is_invalid_argument_and_it_keeps_serving(llmapi_server):
