@@ -4,6 +4,7 @@ build, Triton, the end-to-end suite against that server, the benchmark, the arti
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import subprocess
@@ -99,14 +100,21 @@ def test_the_gpu_dockerfile_and_the_chart_name_the_pinned_container_too():
 
 
 def test_gpu_workflow_inputs_are_the_charts_releases_and_the_builds_quantizations():
-    from bayling.build_engine.gpu_planner import QUANTS
+    from bayling.build_engine.gpu_planner import ALL_QUANTS
 
     values = yaml.safe_load((ROOT / "helm" / "bayling" / "values.yaml").read_text())
     inputs = load(GPU)["on"]["workflow_dispatch"]["inputs"]
     assert set(inputs["release"]["options"]) == set(values["model"]["releases"])
     assert inputs["release"]["default"] == values["model"]["release"]
-    assert set(inputs["quant"]["options"]) <= set(QUANTS) and all(q.startswith("int8") for q in inputs["quant"]["options"])
+    assert set(inputs["quant"]["options"]) <= set(ALL_QUANTS) and "fp16" not in inputs["quant"]["options"]
     assert inputs["quant"]["default"] == "int8-wo"
+    # both GPU targets of `bayling build`, the TensorRT engine by default
+    from bayling.build_engine import build
+
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    targets = next(a for a in parser._actions if a.dest == "target").choices
+    assert set(inputs["target"]["options"]) == set(targets) - {"cpu"} and inputs["target"]["default"] == "trtllm"
 
 
 def test_gpu_workflow_builds_serves_tests_benchmarks_and_uploads():
@@ -119,7 +127,8 @@ def test_gpu_workflow_builds_serves_tests_benchmarks_and_uploads():
 
     # the chart's own build script, for real, with the TensorRT-LLM target
     build = index("helm/bayling/files/build-engine.sh")
-    assert "--target trtllm" in job["steps"][build]["run"] and '--quant "$QUANT"' in job["steps"][build]["run"]
+    assert '--target "$TARGET"' in job["steps"][build]["run"] and '--quant "$QUANT"' in job["steps"][build]["run"]
+    assert job["env"]["TARGET"] == "${{ inputs.target }}"
     serve = index("bayling serve --engine")
     tests = index("pytest")
     bench = index("bayling bench")
