@@ -70,8 +70,9 @@ def serve_options_from(args: argparse.Namespace) -> ServeOptions:
 
 def gpu_environment(manifest) -> dict[str, str]:
     """A tensor-parallel TensorRT-LLM engine runs in the backend's orchestrator mode: one
-    tritonserver process, and the backend spawns one worker per GPU (tensorrtllm_backend v0.17.0,
-    docs/llama_multi_instance.md), so no `mpirun` around Triton is needed."""
+    tritonserver process, and the backend spawns one worker per GPU (TensorRT-LLM 1.2.1
+    triton_backend/inflight_batcher_llm/src/model_instance_state.cc reads TRTLLM_ORCHESTRATOR, as
+    tensorrtllm_backend v0.17.0's docs/llama_multi_instance.md describes), so no `mpirun` around Triton."""
     return {"TRTLLM_ORCHESTRATOR": "1"} if int(manifest.build.get("tp", 1)) > 1 else {}
 
 
