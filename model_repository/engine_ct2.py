@@ -303,7 +303,8 @@ class Ct2Engine:
             options["suppress_sequences"] = [[vocab[t] for t in w] for w in first.bad_words]
 
         # CTranslate2 forwards prompts at once only up to the shortest one in the batch; the rest of a
-        # longer prompt comes back through the callback as forced steps, which are not generated tokens.
+        # longer prompt is forced step by step: those steps are numbered (a longer prompt's first generated
+        # token is step `forced`) and, where they reach the callback at all, are not generated tokens.
         prompts = [len(a.request.input_ids) + len(a.generated) for a in batch]
         forced = [n - min(prompts) for n in prompts]
         options["max_length"] += max(forced)
@@ -313,9 +314,8 @@ class Ct2Engine:
             active = batch[step.batch_id]
             if active.done or restart:
                 return True  # (a restart regenerates this step's token)
-            if forced[step.batch_id]:
-                forced[step.batch_id] -= 1
-                return False
+            if step.step < forced[step.batch_id]:
+                return False   # a forced prompt step; CTranslate2 4.8 mostly skips them, numbering on
             if can_join and self._arrivals != arrivals:
                 newcomer_seen = newcomer_seen or time.monotonic()
                 if self._settled(newcomer_seen):
