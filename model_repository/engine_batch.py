@@ -63,6 +63,12 @@ def return_sequences(item: dict[str, np.ndarray]) -> int:
     return n
 
 
+def sequence_seed(seed: int | None, sequence_index: int) -> int | None:
+    """Each returned sequence samples on its own: a seeded request's sequences get seed, seed + 1, ...
+    (64-bit, wrapping), so they differ from each other and repeat from call to call."""
+    return None if seed is None else (int(seed) + sequence_index) % (1 << 64)
+
+
 Send = Callable[[dict[str, np.ndarray] | Exception | None, bool], None]   # (outputs or error; final)
 
 

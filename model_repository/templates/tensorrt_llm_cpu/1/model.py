@@ -63,7 +63,7 @@ class TritonPythonModel:
             n = engine_batch.return_sequences(item)
             for s in range(n):
                 sub_id = call_id if len(items) == 1 and n == 1 else f"{call_id}/{b}/{s}"
-                member = replace(req, request_id=sub_id)
+                member = replace(req, request_id=sub_id, random_seed=engine_batch.sequence_seed(req.random_seed, s))
                 self.engine.validate(member)
                 planned.append((b, s, member, req.input_ids if include_input else []))
         pad_id = engine_batch.scalar(items[0], "pad_id", 0) or 0
