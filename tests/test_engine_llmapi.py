@@ -139,6 +139,23 @@ def test_the_build_writes_a_model_optimizer_w8a16_checkpoint_and_the_planned_set
     assert (llmapi_engine_dir / "tokenizer" / "tokenizer_config.json").is_file()
 
 
+def test_fp8_quantizes_and_exports_on_the_cpu_too(tmp_path, llama_tokenizer_dir):
+    """FP8 (Hopper/Ada serving) is built the same way; Model Optimizer 0.47 exports it from a 16-bit
+    model only, so the float32 tiny model is cast to float16 first."""
+    from safetensors import safe_open
+    from tests.models import save_random_llama
+
+    model = save_random_llama(tmp_path / "tiny-llama", llama_tokenizer_dir)
+    out = tmp_path / "fp8"
+    bayling_cli("build", "--target", "trtllm-llmapi", "--quant", "fp8", "--model", str(model), "--output", str(out),
+                "--gpu-memory", "80GiB", "--template", "bayling")
+    quant = json.loads((out / "llmapi" / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"]
+    assert quant["quant_algo"] == "FP8"
+    with safe_open(str(out / "llmapi" / "model.safetensors"), "pt") as f:
+        assert str(f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype) == "torch.float8_e4m3fn"
+    assert read_manifest(out).build["modelopt"]["config"] == "FP8_DEFAULT_CFG"
+
+
 def test_the_llm_api_arguments_are_ones_the_pinned_release_defines(tmp_path):
     settings = lb.settings_for(gp.plan(gp.LLAMA_7B, "int8-wo", "fp16", 1, 16 * gp.GiB), lb.LlmapiOptions())
     kwargs = settings.llm_kwargs(tmp_path)
