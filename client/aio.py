@@ -19,10 +19,11 @@ import asyncio
 import time
 from typing import AsyncIterator, Sequence
 
-from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, BayLingServerError, ChatResult, ModelInfo,
+from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, RESOLVE_EVERY, Balancer,
+                                    BayLingServerError, ChatResult, Endpoint, ModelInfo, addresses_from_addrinfo,
                                     backoff_delays, final_result, grpc_inputs, grpc_outputs, grpc_status_error,
-                                    http_error, httpx_options, model_info_from_config, parse_url, request_values,
-                                    sse_event)
+                                    http_error, httpx_options, model_info_from_config, no_server_error, parse_targets,
+                                    request_values, sse_event)
 
 
 class AsyncChatStream:
@@ -188,17 +189,111 @@ class _AioHttpTransport:
 
 
 class AsyncBayLingClient:
-    """The asyncio client; one instance serves many concurrent requests."""
+    """The asyncio client; one instance serves many concurrent requests, over one server or several
+    (`url` as for BayLingClient: host:port, a comma-separated list, or dns:///name:port)."""
 
     def __init__(self, url: str = "localhost:8001", protocol: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = 3, backoff: float = 0.5, validate_max_tokens: bool = True):
-        self.protocol, self.address = parse_url(url, protocol)
+                 retries: int = 3, backoff: float = 0.5, validate_max_tokens: bool = True,
+                 balance: str = "least_requests", resolve_every: float = RESOLVE_EVERY):
+        self.targets = parse_targets(url, protocol)
+        self.protocol, self.address = self.targets.protocol, str(self.targets)
         self.url = url
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._transport = (_AioGrpcTransport(self.address) if self.protocol == "grpc"
-                           else _AioHttpTransport(self.address, timeout))
+        self._balancer = Balancer(balance)
+        self._resolve_every = resolve_every
+        self._next_resolve = 0.0
+        self._resolving: asyncio.Lock | None = None       # made inside the running loop
+        if not self.targets.dns_name:
+            self._balancer.update(self.targets.addresses, self._transport)
         self._max_context: int | None = None
         self._check_context = validate_max_tokens
+
+    def _transport(self, address: str):
+        return _AioGrpcTransport(address) if self.protocol == "grpc" else _AioHttpTransport(address, self.timeout)
+
+    # -- which server (the policy is library.Balancer's)
+
+    async def _resolve(self, force: bool = False) -> None:
+        if not self.targets.dns_name:
+            return
+        known = bool(self._balancer.endpoints)
+        if known and time.monotonic() < self._next_resolve and not force:
+            return
+        self._resolving = self._resolving or asyncio.Lock()
+        if known and self._resolving.locked():
+            return                                          # another task is looking it up
+        async with self._resolving:
+            if known and time.monotonic() < self._next_resolve and not force:
+                return
+            import socket
+
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    self.targets.dns_name, self.targets.dns_port, type=socket.SOCK_STREAM)
+            except OSError:
+                infos = None
+            self._next_resolve = time.monotonic() + (self._resolve_every if infos else 1.0)
+            if infos:
+                for idle in self._balancer.update(addresses_from_addrinfo(infos, self.targets.dns_port),
+                                                  self._transport):
+                    await idle.transport.close()
+
+    async def servers(self) -> list[str]:
+        await self._resolve()
+        return [e.address for e in self._balancer.all_endpoints()]
+
+    async def _responses(self, values: dict) -> AsyncIterator[tuple[dict, bool]]:
+        """As BayLingClient._responses: UNAVAILABLE before the first response tries the next server."""
+        await self._resolve()
+        tried: list[Endpoint] = []
+        last: BayLingServerError = no_server_error(self.targets)
+        while True:
+            endpoint = self._balancer.pick(tried)
+            if endpoint is None:
+                raise last
+            started = False
+            responses = endpoint.transport.responses(values, self.timeout)
+            try:
+                async for item in responses:
+                    started = True
+                    yield item
+                self._balancer.succeeded(endpoint)
+                return
+            except BayLingServerError as exc:
+                if exc.status != "UNAVAILABLE":
+                    raise
+                self._balancer.failed(endpoint)
+                if started:
+                    raise
+                tried.append(endpoint)
+                last = exc
+                if len(tried) == 1:
+                    await self._resolve(force=True)
+            finally:
+                try:
+                    await responses.aclose()          # cancels on the server if the answer is not finished
+                finally:
+                    if self._balancer.finished(endpoint):
+                        await endpoint.transport.close()
+
+    async def _each_server(self, call):
+        await self._resolve()
+        tried: list[Endpoint] = []
+        last: BayLingServerError = no_server_error(self.targets)
+        while (endpoint := self._balancer.pick(tried)) is not None:
+            try:
+                return await call(endpoint.transport)
+            except BayLingServerError as exc:
+                if exc.status != "UNAVAILABLE":
+                    raise
+                last = exc
+                tried.append(endpoint)
+            finally:
+                if self._balancer.finished(endpoint):
+                    await endpoint.transport.close()
+        raise last
+
+    # -- generation
 
     async def chat(self, messages: str | Sequence[dict], **params) -> ChatResult:
         values = request_values(messages, params, stream=False, max_context=await self._context())
@@ -222,7 +317,7 @@ class AsyncBayLingClient:
         async def responses():
             values = request_values(messages, params, stream=True, max_context=await self._context(),
                                     text_input=prompt)
-            inner = self._transport.responses(values, self.timeout)
+            inner = self._responses(values)
             try:
                 async for item in inner:
                     yield item
@@ -235,7 +330,7 @@ class AsyncBayLingClient:
         delays = backoff_delays(self.retries, self.backoff)
         while True:
             try:
-                stream = AsyncChatStream(self._transport.responses(values, self.timeout))
+                stream = AsyncChatStream(self._responses(values))
                 try:
                     async for _ in stream:
                         pass
@@ -249,14 +344,25 @@ class AsyncBayLingClient:
                     raise
                 await asyncio.sleep(delays.pop(0))
 
+    # -- server
+
     async def health(self) -> bool:
-        return await self._transport.health(min(self.timeout, 10.0))
+        """True when a server (any of them) and its `bayling` model are ready; never raises."""
+        async def ready(transport):
+            if not await transport.health(min(self.timeout, 10.0)):
+                raise BayLingServerError("UNAVAILABLE", "not ready")
+            return True
+        try:
+            return await self._each_server(ready)
+        except BayLingServerError:
+            return False
 
     async def model_info(self) -> ModelInfo:
         delays = backoff_delays(self.retries, self.backoff)
         while True:
             try:
-                return model_info_from_config(await self._transport.model_config(min(self.timeout, 30.0)))
+                return model_info_from_config(
+                    await self._each_server(lambda t: t.model_config(min(self.timeout, 30.0))))
             except BayLingServerError as exc:
                 if exc.status != "UNAVAILABLE" or not delays:
                     raise
@@ -267,14 +373,15 @@ class AsyncBayLingClient:
             return None
         if self._max_context is None:
             try:
-                config = await self._transport.model_config(min(self.timeout, 10.0))
+                config = await self._each_server(lambda t: t.model_config(min(self.timeout, 10.0)))
                 self._max_context = model_info_from_config(config).max_context or 0
             except BayLingServerError:
                 return None
         return self._max_context or None
 
     async def close(self) -> None:
-        await self._transport.close()
+        for endpoint in self._balancer.all_endpoints():
+            await endpoint.transport.close()
 
     async def __aenter__(self) -> "AsyncBayLingClient":
         return self

@@ -213,6 +213,146 @@ def backoff_delays(retries: int, backoff: float, cap: float = 10.0) -> list[floa
     """Exponential backoff with a little jitter: backoff, 2*backoff, 4*backoff ... (capped)."""
     return [min(cap, backoff * 2 ** i) * (1 + 0.1 * random.random()) for i in range(retries)]
 
+# --- several servers: targets, endpoints and the balancing policy (no I/O; shared by both clients)
+
+BALANCE_POLICIES = ("least_requests", "round_robin")
+RESOLVE_EVERY = 10.0        # seconds between DNS lookups of a dns:/// target
+DOWN_S, MAX_DOWN_S = 0.5, 5.0   # an address that answered UNAVAILABLE is skipped this long (doubling)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where the servers are: a fixed list of host:port, or one DNS name (`dns:///name:port`, e.g. a
+    Kubernetes headless Service) that stands for every address it resolves to."""
+    protocol: str
+    addresses: tuple[str, ...] = ()
+    dns_name: str | None = None
+    dns_port: int | None = None
+
+    def __str__(self) -> str:
+        return f"dns:///{self.dns_name}:{self.dns_port}" if self.dns_name else ",".join(self.addresses)
+
+
+def _host_port(text: str, url: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BaylingError(f"{url!r}: a server address is host:port, got {text!r}")
+    return host, int(port)
+
+
+def parse_targets(url: str, protocol: str | None) -> Targets:
+    """"host:port", "http://host:port", a comma-separated list of those, or "dns:///name:port"
+    (the gRPC name syntax: every address the name resolves to, looked up again every 10 s)."""
+    if url.startswith("dns:"):
+        name = url[4:].removeprefix("//").lstrip("/")   # dns:///name:port (no DNS authority) or dns:name:port
+        host, port = _host_port(name.rstrip("/"), url)
+        if "," in host:
+            raise BaylingError(f"{url!r}: one dns:/// target names every server; do not list several")
+        return Targets(protocol or "grpc", dns_name=host, dns_port=port)
+    parts = [p.strip() for p in url.split(",")]
+    if not all(parts):
+        raise BaylingError(f"{url!r}: an empty server address in the list")
+    parsed = [parse_url(p, protocol) for p in parts]
+    protocols = {p for p, _ in parsed}
+    if len(protocols) > 1:
+        raise BaylingError(f"{url!r}: the servers of one client speak one protocol (grpc or http)")
+    if len(parsed) > 1:
+        for _, address in parsed:
+            _host_port(address, url)
+    return Targets(parsed[0][0], addresses=tuple(dict.fromkeys(a for _, a in parsed)))
+
+
+def addresses_from_addrinfo(infos, port: int) -> list[str]:
+    """socket.getaddrinfo results -> "ip:port" / "[ipv6]:port", in order, without repeats."""
+    out = []
+    for family, *_, sockaddr in infos:
+        ip = sockaddr[0]
+        out.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    return list(dict.fromkeys(out))
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One server address and what the client knows of it."""
+    address: str
+    transport: object = None
+    in_flight: int = 0
+    down_until: float = 0.0     # monotonic time before which it is not picked (unless all are down)
+    failures: int = 0           # UNAVAILABLE answers in a row
+    removed: bool = False       # no longer resolved: closed once idle
+
+
+class Balancer:
+    """Which server gets the next request: the fewest requests in flight (least_requests, ties in
+    turn) or strictly in turn (round_robin), skipping for a while an address that answered
+    UNAVAILABLE. Thread-safe; called once per request, not per token."""
+
+    def __init__(self, policy: str = "least_requests"):
+        if policy not in BALANCE_POLICIES:
+            raise BaylingError(f"balance policy must be one of {', '.join(BALANCE_POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.endpoints: list[Endpoint] = []
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def update(self, addresses, make_transport) -> list[Endpoint]:
+        """Make the endpoints these addresses (kept ones keep their state); returns the dropped
+        endpoints that are idle now (close their transports); busy ones are closed by `finished`."""
+        with self._lock:
+            by_address = {e.address: e for e in self.endpoints}
+            kept = [by_address.pop(a, None) or Endpoint(a, make_transport(a)) for a in addresses]
+            self.endpoints = kept
+            for gone in by_address.values():
+                gone.removed = True
+            return [e for e in by_address.values() if e.in_flight == 0]
+
+    def pick(self, tried=(), now: float | None = None) -> Endpoint | None:
+        """The endpoint for a request that already failed on `tried` (None when every one was tried);
+        counts it in flight."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            n = len(self.endpoints)
+            order = [self.endpoints[(self._turn + i) % n] for i in range(n)] if n else []
+            candidates = [e for e in order if e not in tried]
+            if not candidates:
+                return None
+            up = [e for e in candidates if e.down_until <= now]
+            if not up:                   # all marked down: the one that has been down the longest
+                chosen = min(candidates, key=lambda e: e.down_until)
+            elif self.policy == "least_requests":
+                chosen = min(up, key=lambda e: e.in_flight)   # the first of equals: the next in turn
+            else:
+                chosen = up[0]
+            self._turn = (self.endpoints.index(chosen) + 1) % n
+            chosen.in_flight += 1
+            return chosen
+
+    def failed(self, endpoint: Endpoint, now: float | None = None) -> None:
+        """It answered UNAVAILABLE (refused, reset, shutting down): skip it for a while."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            endpoint.down_until = now + min(MAX_DOWN_S, DOWN_S * 2 ** endpoint.failures)
+            endpoint.failures += 1
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        with self._lock:
+            endpoint.failures, endpoint.down_until = 0, 0.0
+
+    def finished(self, endpoint: Endpoint) -> bool:
+        """The request is over; True when the endpoint was dropped and is idle now (close it)."""
+        with self._lock:
+            endpoint.in_flight -= 1
+            return endpoint.removed and endpoint.in_flight == 0
+
+    def all_endpoints(self) -> list[Endpoint]:
+        with self._lock:
+            return list(self.endpoints)
+
+
+def no_server_error(targets: Targets) -> BayLingServerError:
+    return BayLingServerError("UNAVAILABLE", f"{targets}: no server address (the name resolves to nothing)")
+
+
 
 # --- the wire: shared by the sync and asyncio transports
 
@@ -401,20 +541,118 @@ class _HttpTransport:
 
 
 class BayLingClient:
-    """A client of one BayLing server; thread-safe (requests may run concurrently)."""
+    """A client of one BayLing server, or of several that serve the same model; thread-safe
+    (requests may run concurrently)."""
 
     def __init__(self, url: str = "localhost:8001", protocol: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = 3, backoff: float = 0.5, validate_max_tokens: bool = True):
-        """`url` is host:port (or grpc://..., http://...); `timeout` bounds each request in seconds;
-        non-streaming calls are retried `retries` times with exponential backoff when UNAVAILABLE."""
-        self.protocol, self.address = parse_url(url, protocol)
+                 retries: int = 3, backoff: float = 0.5, validate_max_tokens: bool = True,
+                 balance: str = "least_requests", resolve_every: float = RESOLVE_EVERY):
+        """`url` is host:port (or grpc://..., http://...), a comma-separated list of them, or
+        dns:///name:port (every address of the name, e.g. a headless Service; looked up again every
+        `resolve_every` seconds). Requests are spread over the servers by `balance` ("least_requests":
+        the fewest in flight; "round_robin"); one refused as UNAVAILABLE before its first response
+        goes to another server. `timeout` bounds each request in seconds; non-streaming calls are
+        retried `retries` more times with exponential backoff while every server is UNAVAILABLE."""
+        self.targets = parse_targets(url, protocol)
+        self.protocol, self.address = self.targets.protocol, str(self.targets)
         self.url = url
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._transport = (_GrpcTransport(self.address) if self.protocol == "grpc"
-                           else _HttpTransport(self.address, timeout))
+        self._balancer = Balancer(balance)
+        self._resolve_every = resolve_every
+        self._next_resolve = 0.0
+        self._resolving = threading.Lock()
+        if not self.targets.dns_name:
+            self._balancer.update(self.targets.addresses, self._transport)
         self._max_context: int | None = None
         self._check_context = validate_max_tokens
         self._lock = threading.Lock()
+
+    def _transport(self, address: str):
+        return _GrpcTransport(address) if self.protocol == "grpc" else _HttpTransport(address, self.timeout)
+
+    # -- which server
+
+    def _resolve(self, force: bool = False) -> None:
+        """Look the dns:/// name up when due (by one thread; the others go on with what is known)."""
+        if not self.targets.dns_name:
+            return
+        now = time.monotonic()
+        known = bool(self._balancer.endpoints)
+        if known and now < self._next_resolve and not force:
+            return
+        if not self._resolving.acquire(blocking=not known):
+            return
+        try:
+            if known and time.monotonic() < self._next_resolve and not force:
+                return
+            import socket
+
+            try:
+                infos = socket.getaddrinfo(self.targets.dns_name, self.targets.dns_port, type=socket.SOCK_STREAM)
+            except OSError:
+                infos = None                      # keep what was known; retried at the next request
+            self._next_resolve = time.monotonic() + (self._resolve_every if infos else 1.0)
+            if infos:
+                for idle in self._balancer.update(addresses_from_addrinfo(infos, self.targets.dns_port),
+                                                  self._transport):
+                    idle.transport.close()
+        finally:
+            self._resolving.release()
+
+    def servers(self) -> list[str]:
+        """The addresses requests are spread over now."""
+        self._resolve()
+        return [e.address for e in self._balancer.all_endpoints()]
+
+    def _responses(self, values: dict) -> Iterator[tuple[dict, bool]]:
+        """One request's responses from the server the balancer picks; UNAVAILABLE before the first
+        response moves it to the next server (each is tried once), after it is the caller's error."""
+        self._resolve()
+        tried: list[Endpoint] = []
+        last: BayLingServerError = no_server_error(self.targets)
+        while True:
+            endpoint = self._balancer.pick(tried)
+            if endpoint is None:
+                raise last
+            started = False
+            try:
+                with closing(endpoint.transport.responses(values, self.timeout)) as responses:
+                    for item in responses:
+                        started = True
+                        yield item
+                self._balancer.succeeded(endpoint)
+                return
+            except BayLingServerError as exc:
+                if exc.status != "UNAVAILABLE":
+                    raise
+                self._balancer.failed(endpoint)
+                if started:
+                    raise
+                tried.append(endpoint)
+                last = exc
+                if len(tried) == 1:
+                    self._resolve(force=True)                     # a pod may have gone: look again
+            finally:
+                if self._balancer.finished(endpoint):
+                    endpoint.transport.close()
+
+    def _each_server(self, call):
+        """call(transport) on the servers in the balancer's order until one answers (health, config)."""
+        self._resolve()
+        tried: list[Endpoint] = []
+        last: BayLingServerError = no_server_error(self.targets)
+        while (endpoint := self._balancer.pick(tried)) is not None:
+            try:
+                return call(endpoint.transport)
+            except BayLingServerError as exc:
+                if exc.status != "UNAVAILABLE":
+                    raise
+                last = exc
+                tried.append(endpoint)
+            finally:
+                if self._balancer.finished(endpoint):
+                    endpoint.transport.close()
+        raise last
 
     # -- generation
 
@@ -431,17 +669,17 @@ class BayLingClient:
     def stream_chat(self, messages: str | Sequence[dict], **params) -> ChatStream:
         """The answer as it is generated: iterate the returned ChatStream for text pieces."""
         values = request_values(messages, params, stream=True, max_context=self._context())
-        return ChatStream(self._transport.responses(values, self.timeout))
+        return ChatStream(self._responses(values))
 
     def stream_complete(self, prompt: str, **params) -> ChatStream:
         values = request_values(None, params, stream=True, max_context=self._context(), text_input=prompt)
-        return ChatStream(self._transport.responses(values, self.timeout))
+        return ChatStream(self._responses(values))
 
     def _complete(self, values: dict) -> ChatResult:
         delays = backoff_delays(self.retries, self.backoff)
         while True:
             try:
-                with ChatStream(self._transport.responses(values, self.timeout)) as stream:
+                with ChatStream(self._responses(values)) as stream:
                     for _ in stream:
                         pass
                     if stream.result is None:
@@ -455,15 +693,22 @@ class BayLingClient:
     # -- server
 
     def health(self) -> bool:
-        """True when the server and the `bayling` model are ready; never raises."""
-        return self._transport.health(min(self.timeout, 10.0))
+        """True when a server (any of them) and its `bayling` model are ready; never raises."""
+        def ready(transport):
+            if not transport.health(min(self.timeout, 10.0)):
+                raise BayLingServerError("UNAVAILABLE", "not ready")
+            return True
+        try:
+            return self._each_server(ready)
+        except BayLingServerError:
+            return False
 
     def model_info(self) -> ModelInfo:
         """What the server says about the model: name, engine kind, template, context length."""
         delays = backoff_delays(self.retries, self.backoff)
         while True:
             try:
-                return model_info_from_config(self._transport.model_config(min(self.timeout, 30.0)))
+                return model_info_from_config(self._each_server(lambda t: t.model_config(min(self.timeout, 30.0))))
             except BayLingServerError as exc:
                 if exc.status != "UNAVAILABLE" or not delays:
                     raise
@@ -477,13 +722,14 @@ class BayLingClient:
             if self._max_context is None:
                 try:
                     self._max_context = model_info_from_config(
-                        self._transport.model_config(min(self.timeout, 10.0))).max_context or 0
+                        self._each_server(lambda t: t.model_config(min(self.timeout, 10.0)))).max_context or 0
                 except BayLingServerError:
                     return None              # unknown for now: the server still checks
             return self._max_context or None
 
     def close(self) -> None:
-        self._transport.close()
+        for endpoint in self._balancer.all_endpoints():
+            endpoint.transport.close()
 
     def __enter__(self) -> "BayLingClient":
         return self

@@ -13,6 +13,8 @@ A request body over --max-request-bytes (8 MiB by default) answers 413 before mo
 examples:
   bayling openai --port 9000 --url localhost:8001
   BAYLING_API_KEY=secret bayling openai --host 0.0.0.0 --port 9000 --url triton:8001
+  bayling openai --url dns:///bayling-headless:8001     # every pod of a headless Service, per request
+  bayling openai --url 10.0.0.5:8001,10.0.0.6:8001 --balance round_robin
 
   from openai import OpenAI
   client = OpenAI(base_url="http://localhost:9000/v1", api_key="secret")
@@ -28,6 +30,7 @@ import os
 import time
 import uuid
 
+from bayling.client.library import BALANCE_POLICIES
 from bayling.errors import BaylingError
 from bayling.params import NO_END_ID, validate
 from bayling.templates import shown
@@ -199,8 +202,10 @@ def sse(data: dict | str) -> str:
 
 
 def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_key: str | None = None,
-               model_id: str | None = None, timeout: float = 600, max_request_bytes: int = MAX_REQUEST_BYTES):
-    """The Starlette application; `url` is the Triton server (gRPC host:port or http://host:port)."""
+               model_id: str | None = None, timeout: float = 600, max_request_bytes: int = MAX_REQUEST_BYTES,
+               balance: str = "least_requests"):
+    """The Starlette application; `url` is the Triton server (gRPC host:port or http://host:port), or
+    several (a comma-separated list, or dns:///name:port), requests spread over them by `balance`."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -212,7 +217,7 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
 
     def client() -> AsyncBayLingClient:
         if state["client"] is None:        # made inside the server's event loop
-            state["client"] = AsyncBayLingClient(url, protocol, timeout=timeout, retries=2)
+            state["client"] = AsyncBayLingClient(url, protocol, timeout=timeout, retries=2, balance=balance)
         return state["client"]
 
     async def served_model() -> str:
@@ -391,7 +396,12 @@ async def first_piece(stream) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="localhost:8001", help="Triton server: host:port of gRPC, or http://host:port")
+    parser.add_argument("--url", default="localhost:8001",
+                        help="Triton server: host:port of gRPC, or http://host:port; several: a comma-separated "
+                             "list, or dns:///NAME:PORT for every address of NAME (a headless Service)")
+    parser.add_argument("--balance", choices=BALANCE_POLICIES, default="least_requests",
+                        help="how requests are spread over several servers (default least_requests: the fewest "
+                             "in flight; round_robin: in turn)")
     parser.add_argument("--protocol", choices=("grpc", "http"))
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
@@ -408,13 +418,13 @@ def main(args: argparse.Namespace) -> int:
         import uvicorn
     except ModuleNotFoundError:
         raise BaylingError("the gateway needs uvicorn and starlette: pip install 'bayling-deploy[client]'") from None
-    from bayling.client.library import parse_url
+    from bayling.client.library import parse_targets
 
-    parse_url(args.url, args.protocol)          # a bad URL is a one-line error, before listening
+    parse_targets(args.url, args.protocol)      # a bad URL is a one-line error, before listening
     if args.max_request_bytes < 1024:
         raise BaylingError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     app = create_app(args.url, args.protocol, api_key=args.api_key, model_id=args.model_id, timeout=args.timeout,
-                     max_request_bytes=args.max_request_bytes)
+                     max_request_bytes=args.max_request_bytes, balance=args.balance)
     print(f"OpenAI-compatible gateway: http://{args.host}:{args.port}/v1 -> {args.url}"
           f"{' (API key required)' if args.api_key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
