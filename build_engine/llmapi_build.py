@@ -142,8 +142,9 @@ def run_llmapi_build(build: LlmapiBuild) -> dict:
     print(f"TensorRT-LLM LLM API plan for {name} (TensorRT-LLM {trtllm_release.TRTLLM_VERSION}, PyTorch backend, "
           f"container {trtllm_release.TRITON_IMAGE})")
     print(plan.format_table())
-    print(f"\nModel Optimizer: modelopt.torch.quantization.{recipe} (calibrated on {len(records)} conversations "
-          f"through the {template.name} template) -> export_hf_checkpoint, quant_algo {algo}")
+    how = (f"calibrated on {len(records)} conversations through the {template.name} template" if plan.calibration
+           else "weights only: per-channel scales from the weights, no calibration")
+    print(f"\nModel Optimizer: modelopt.torch.quantization.{recipe} ({how}) -> export_hf_checkpoint, quant_algo {algo}")
     print(f"LLM API settings ({ENGINE_SUBDIR}/{SETTINGS_FILE}):")
     print(json.dumps(asdict(settings), indent=2))
     if options.quant == "fp8":
@@ -180,7 +181,8 @@ def calibration_texts(records: list[dict], template) -> list[str]:
 
 
 def quantize(model, tokenizer, texts: list[str], quant: str, max_seq_length: int, device: str):
-    """Model Optimizer's post-training quantization of `model` in place, calibrated on `texts`."""
+    """Model Optimizer's post-training quantization of `model` in place, calibrated on `texts` (none
+    given: weight-only, whose per-channel scales come from the weights themselves)."""
     import torch
     import modelopt.torch.quantization as mtq
 
@@ -193,7 +195,7 @@ def quantize(model, tokenizer, texts: list[str], quant: str, max_seq_length: int
             for ids in batches:
                 m(ids)
 
-    return mtq.quantize(model, config, forward_loop=forward_loop)
+    return mtq.quantize(model, config, forward_loop=forward_loop if batches else None)
 
 
 def export(model, out_dir: Path, expected_algo: str) -> dict:
@@ -245,8 +247,8 @@ def _build(build: LlmapiBuild, name: str, plan: GpuPlan, settings: LlmApiSetting
         step(f"loading {source.name} ({str(dtype).replace('torch.', '')}, {device})")
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype).to(device).eval()
         recipe, algo = RECIPES[options.quant]
-        step(f"Model Optimizer {recipe}, calibrated on {len(records)} conversations")
-        texts = calibration_texts(records, template)
+        texts = calibration_texts(records, template) if plan.calibration else []
+        step(f"Model Optimizer {recipe}" + (f", calibrated on {len(texts)} conversations" if texts else ", weights only"))
         model = quantize(model, tokenizer, texts, options.quant, options.calib_max_seq_length, device)
         checkpoint = tmp / ENGINE_SUBDIRS[ENGINE]
         step(f"exporting the {algo} checkpoint and the LLM API settings")
@@ -254,8 +256,8 @@ def _build(build: LlmapiBuild, name: str, plan: GpuPlan, settings: LlmApiSetting
         del model
         tokenizer.save_pretrained(str(checkpoint))     # so the folder also serves alone (trtllm-serve DIR)
         (checkpoint / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n", encoding="utf-8")
-        calibration = {"samples": len(records), "template": template.name,
-                       "max_seq_length": options.calib_max_seq_length, "device": device}
+        calibration = {"samples": len(texts), "template": template.name,
+                       "max_seq_length": options.calib_max_seq_length, "device": device} if texts else None
         record = build_record(options, plan, settings, build.template_choice, calibration, _modelopt_version())
         record["modelopt"]["exported"] = quant
         versions = tool_versions(MODELOPT_PACKAGE, "torch", "transformers")

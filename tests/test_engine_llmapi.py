@@ -136,7 +136,33 @@ def test_the_build_writes_a_model_optimizer_w8a16_checkpoint_and_the_planned_set
     assert settings["kv_cache_config"] == {"free_gpu_memory_fraction": round(plan.kv_cache_free_gpu_mem_fraction, 2),
                                            "max_tokens": plan.max_tokens_in_paged_kv_cache, "enable_block_reuse": True}
     assert manifest.build["llm_api"] == settings and settings["factory"] == "tensorrt_llm:LLM"
+    assert manifest.build["calibration"] is None             # weight-only: scales from the weights themselves
     assert (llmapi_engine_dir / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_the_w8a16_weights_are_the_originals_to_within_half_a_step(llmapi_engine_dir, scripted_model_dir):
+    """No calibration for weight-only: each output channel's scale is its largest |weight| / 127, so
+    dequantized weights are the source's to within half a step (rounding)."""
+    import torch
+    from safetensors.torch import load_file
+
+    exported = load_file(str(llmapi_engine_dir / "llmapi" / "model.safetensors"))
+    source = {}
+    for path in scripted_model_dir.glob("*.safetensors"):
+        source.update(load_file(str(path)))
+    checked = 0
+    for name, q in exported.items():
+        if q.dtype != torch.int8:
+            continue
+        scale = exported[name + "_scale"].float()
+        original = source[name].float()
+        error = (q.float() * scale[:, None] - original).abs()
+        assert torch.all(error <= scale[:, None] / 2 + 1e-6), name
+        amax = original.abs().amax(dim=1)
+        live = amax > 0                                       # the scripted model zeroes o_proj and down_proj
+        assert torch.allclose(scale[live], amax[live] / 127, rtol=1e-3, atol=1e-8), name
+        checked += int(live.any())
+    assert checked == 5 * 2                                   # q, k, v, gate, up x 2 layers carry weights
 
 
 def test_fp8_quantizes_and_exports_on_the_cpu_too(tmp_path, llama_tokenizer_dir):
@@ -153,7 +179,9 @@ def test_fp8_quantizes_and_exports_on_the_cpu_too(tmp_path, llama_tokenizer_dir)
     assert quant["quant_algo"] == "FP8"
     with safe_open(str(out / "llmapi" / "model.safetensors"), "pt") as f:
         assert str(f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype) == "torch.float8_e4m3fn"
-    assert read_manifest(out).build["modelopt"]["config"] == "FP8_DEFAULT_CFG"
+    build = read_manifest(out).build
+    assert build["modelopt"]["config"] == "FP8_DEFAULT_CFG"
+    assert build["calibration"]["samples"] == 60 and build["calibration"]["template"] == "bayling"
 
 
 def test_the_llm_api_arguments_are_ones_the_pinned_release_defines(tmp_path):
