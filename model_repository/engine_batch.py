@@ -79,6 +79,7 @@ class _Member:
     prefix_ids: list[int]
     ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
+    cum_log_prob: float = 0.0     # over every response so far: TensorRT-LLM's cum_log_probs when streaming
     done: bool = False
 
 
@@ -115,6 +116,9 @@ class Group:
                 return
             outputs = engine_outputs(emission, member.prefix_ids, self.requested)
             member.prefix_ids = []     # the input ids lead only the first response
+            if "cum_log_probs" in outputs:
+                member.cum_log_prob += sum(emission.log_probs)
+                outputs["cum_log_probs"] = np.array([[member.cum_log_prob]], dtype=np.float32)
             self._indices(outputs, [member])
             self.send(None if self.error is not None else outputs, last)
             return

@@ -254,3 +254,15 @@ def test_the_bayling_model_answers_on_the_unary_deployment(unary_server):
 
     result = grpc_stream(unary_server.grpc, chat("Say hi.", max_tokens=8, temperature=0.0, stream=True))
     assert result.error is None and result.text.strip()
+
+
+def test_streamed_log_probs_join_to_the_whole_ones_and_cum_log_probs_runs_on(default_server):
+    outputs = ["output_log_probs", "cum_log_probs"]
+    whole = stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 8, top_k=1, return_log_probs=True),
+                   outputs=outputs)[0]
+    pieces = stream(default_server.grpc, "ensemble",
+                    text_request(PROMPTS[:1], 8, top_k=1, return_log_probs=True, stream=True), outputs=outputs)
+    joined = np.concatenate([p["output_log_probs"].reshape(-1) for p in pieces])
+    assert np.allclose(joined, whole["output_log_probs"].reshape(-1), atol=1e-5)
+    running = np.cumsum([p["output_log_probs"].sum() for p in pieces])
+    assert np.allclose([p["cum_log_probs"].item() for p in pieces], running, atol=1e-4)
