@@ -94,6 +94,25 @@ class Emission:
 Sink = Callable[[Emission], None]
 
 
+@dataclass
+class EngineLoad:
+    """How loaded the engine is now: what the endpoint picker balances on and the autoscaler scales on
+    (the CPU analogues of TensorRT-LLM's waiting/scheduled requests and KV-cache fraction)."""
+    waiting: int                  # submitted, not in the running CTranslate2 batch
+    running: int                  # generating in the running batch
+    batch_occupancy: float        # running / max batch size
+    kv_cache_utilization: float   # tokens the batch's cache holds (padded to its longest sequence, as
+                                  # CTranslate2's static batch is) / (max batch size * context), 0..1
+
+
+# EngineLoad field -> the gauge the CPU `tensorrt_llm` model exports (the chart's picker config reads these)
+LOAD_METRICS = {"waiting": ("bayling_engine_waiting_requests", "Requests waiting for the CPU engine's batch"),
+                "running": ("bayling_engine_running_requests", "Requests the CPU engine is generating for"),
+                "batch_occupancy": ("bayling_engine_batch_occupancy", "Running requests / the CPU engine's max batch"),
+                "kv_cache_utilization": ("bayling_engine_kv_cache_utilization",
+                                         "Tokens in the CPU engine's batch cache / (max batch * context), 0..1")}
+
+
 @dataclass(eq=False)
 class _Active:
     request: EngineRequest
@@ -148,6 +167,7 @@ class Ct2Engine:
         self._by_id: dict[str, _Active] = {}
         self._cond = threading.Condition()
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent CTranslate2 batch sizes (tests, metrics)
+        self.running: list[_Active] = []                   # the batch generating now (load())
         self.generated_tokens = 0
         self._running = True
         self.relay = Relay(poll_s=cancel_poll_s, name="ct2-relay")
@@ -203,6 +223,15 @@ class Ct2Engine:
         self._thread.join(timeout=30)
         self.relay.stop()
 
+    def load(self, context: int) -> EngineLoad:
+        """A snapshot for the load metrics (read from another thread, a few times a second)."""
+        running = [a for a in self.running if not a.done]
+        longest = max((len(a.request.input_ids) + len(a.generated) for a in running), default=0)
+        capacity = max(1, self.max_batch_size * context)
+        return EngineLoad(waiting=len(self._pending), running=len(running),
+                          batch_occupancy=len(running) / self.max_batch_size,
+                          kv_cache_utilization=min(1.0, len(running) * longest / capacity))
+
     # --- the scheduler thread
     def _loop(self) -> None:
         while True:
@@ -215,6 +244,7 @@ class Ct2Engine:
                     return
             self._gather(time.monotonic())  # let requests that arrive together share the batch
             batch = self._take_batch()
+            self.running = batch
             if batch:
                 try:
                     if self._run(batch):  # stopped to let newcomers join: carry on in front of the queue

@@ -4,9 +4,11 @@ puts it at .tools/bin/helm) and the Kubernetes schemas of `kubernetes-validate`.
 Every configuration users start from (the chart's ci/*-values.yaml: GPU, CPU staging, delta build,
 CPU build from a volume, an existing engine, HPA and KEDA autoscaling) is linted, rendered, and
 every rendered object is validated against the Kubernetes API schemas (strict: unknown fields are
-errors) of the oldest and newest supported Kubernetes versions; the CRD objects (ServiceMonitor,
-PodMonitor, ScaledObject) against minimal schemas of their required fields below. Then the
-assertions a reviewer of the chart would make by hand.
+errors) of the oldest and newest supported Kubernetes versions; InferencePool and HTTPRoute against
+the openAPIV3Schema of their CRDs as released (tests/data/crd-*.json: Gateway API Inference
+Extension v1.5.0, Gateway API v1.3.0), with fields the schema does not declare refused too (the API
+server would drop them silently); ServiceMonitor, PodMonitor and ScaledObject against minimal
+schemas of their required fields below. Then the assertions a reviewer of the chart would make by hand.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "bayling"
 HELM = ROOT / ".tools" / "bin" / "helm"
-CRD_APIS = ("monitoring.coreos.com/v1", "keda.sh/v1alpha1")
+CRD_APIS = ("monitoring.coreos.com/v1", "keda.sh/v1alpha1", "inference.networking.k8s.io/v1", "gateway.networking.k8s.io/v1")
+DATA = ROOT / "tests" / "data"
+GAIE = json.loads((DATA / "gateway-api-inference-extension-v1.5.0.json").read_text())
 K8S_VERSIONS = ("1.29.0", "1.37.0")   # Chart.yaml kubeVersion >=1.29; the newest schemas kubernetes-validate has
 VARIANTS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 GPU = "nvidia.com/gpu"
@@ -138,10 +142,46 @@ CRD_SCHEMAS = {
 }
 
 
+# --- the released CRD schemas, recorded as data --------------------------------------------------------
+RELEASED_CRDS = {}
+for _path in sorted(DATA.glob("crd-*.json")):
+    _crd = json.loads(_path.read_text())
+    RELEASED_CRDS[(f"{_crd['group']}/{_crd['version']}", _crd["kind"])] = _crd
+
+
+def undeclared_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields of `value` its structural schema does not declare (an API server prunes them silently)."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        if schema.get("x-kubernetes-preserve-unknown-fields") or path == ".metadata":
+            return []
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        out = []
+        for key, sub in value.items():
+            if props is not None and key in props:
+                out += undeclared_fields(sub, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                out += undeclared_fields(sub, extra, f"{path}.{key}")
+            elif props is not None or extra is False:
+                out.append(f"{path}.{key}")
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [f for i, item in enumerate(value) for f in undeclared_fields(item, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def validate_released_crd(doc: dict) -> None:
+    crd = RELEASED_CRDS[(doc["apiVersion"], doc["kind"])]
+    assert crd["served"], f"{doc['apiVersion']} {doc['kind']} is not served by {crd['source']['tag']}"
+    jsonschema.validate(doc, crd["openAPIV3Schema"])
+    extra = undeclared_fields(doc, crd["openAPIV3Schema"])
+    assert not extra, f"{doc['kind']}/{doc['metadata']['name']}: fields the CRD does not declare: {extra}"
+
+
 # --- lint, render, validate ----------------------------------------------------------------------------
 def test_the_variants_cover_gpu_cpu_build_existing_and_autoscaling():
     assert {"gpu-values.yaml", "cpu-values.yaml", "build-delta-values.yaml", "cpu-build-values.yaml",
-            "existing-engine-values.yaml", "autoscaling-hpa-values.yaml", "autoscaling-keda-values.yaml"} <= set(VARIANTS)
+            "existing-engine-values.yaml", "autoscaling-hpa-values.yaml", "autoscaling-keda-values.yaml",
+            "inference-pool-values.yaml", "inference-pool-cpu-values.yaml"} <= set(VARIANTS)
 
 
 @pytest.mark.parametrize("values", [None, *VARIANTS])
@@ -158,6 +198,9 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(values):
     assert docs
     for doc in docs:
         key = (doc["apiVersion"], doc["kind"])
+        if key in RELEASED_CRDS:
+            validate_released_crd(doc)
+            continue
         if key in CRD_SCHEMAS:
             jsonschema.validate(doc, CRD_SCHEMAS[key])
             continue
@@ -263,7 +306,7 @@ def test_the_cpu_image_bakes_the_engine_the_chart_serves_in_builtin_mode():
 
 # --- GPU only in GPU mode ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("values", ["gpu-values.yaml", "build-delta-values.yaml", "existing-engine-values.yaml",
-                                    "autoscaling-hpa-values.yaml"])
+                                    "autoscaling-hpa-values.yaml", "inference-pool-values.yaml"])
 def test_gpu_mode_requests_one_gpu_on_gpu_nodes(values):
     docs = render(values)
     for name, spec in pod_specs(docs):
@@ -278,7 +321,8 @@ def test_gpu_mode_requests_one_gpu_on_gpu_nodes(values):
             assert GPU not in json.dumps(c["resources"])
 
 
-@pytest.mark.parametrize("values", ["cpu-values.yaml", "cpu-build-values.yaml", "autoscaling-keda-values.yaml"])
+@pytest.mark.parametrize("values", ["cpu-values.yaml", "cpu-build-values.yaml", "autoscaling-keda-values.yaml",
+                                    "inference-pool-cpu-values.yaml"])
 def test_cpu_mode_never_asks_for_a_gpu(values):
     docs = render(values)
     rendered = json.dumps(docs)
@@ -318,7 +362,9 @@ def test_ports_match_the_flags_of_bayling_serve(sets):
     assert service["spec"]["selector"] == triton(docs)["spec"]["selector"]["matchLabels"]
     for client in ("rel-bayling-openai", "rel-bayling-demo"):
         cc = one(docs, "Deployment", client)["spec"]["template"]["spec"]["containers"][0]
-        assert arg(cc, "--url") == f"rel-bayling:{ports['grpc']}"
+        assert arg(cc, "--url") == f"dns:///rel-bayling-headless:{ports['grpc']}"
+    headless = one(docs, "Service", "rel-bayling-headless")
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"http": ports["http"], "grpc": ports["grpc"]}
 
 
 def _parse_with_the_real_cli(module_name: str, argv: list[str]):
@@ -379,7 +425,8 @@ def test_every_pod_runs_non_root_without_privileges(values):
         psc = spec["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, name
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert spec["automountServiceAccountToken"] is False, name
+        # only the endpoint picker talks to the Kubernetes API (it watches its pool's pods)
+        assert spec["automountServiceAccountToken"] is (name == "Deployment/rel-bayling-epp"), name
         assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
         for c in spec["containers"] + spec.get("initContainers", []):
             sc = c["securityContext"]
@@ -569,9 +616,11 @@ def test_hpa_scales_triton_on_a_metric_the_adapter_rules_define():
     assert "replicas" not in triton(docs)["spec"], "the HPA owns the replica count"
     rules = yaml.safe_load(one(docs, "ConfigMap", "rel-bayling-prometheus-adapter-rules")["data"]["values.yaml"])
     by_name = {r["name"]["as"]: r for r in rules["rules"]["custom"]}
-    assert set(by_name) == {"bayling_waiting_requests", "triton_queue_compute_ratio"}
+    assert set(by_name) == {"bayling_waiting_requests", "bayling_kv_cache_utilization", "triton_queue_compute_ratio"}
     waiting = by_name["bayling_waiting_requests"]
-    assert 'request_type="active"' in waiting["metricsQuery"] and 'request_type="scheduled"' in waiting["metricsQuery"]
+    # the queue the endpoint picker balances on (its builtin triton-tensorrt-llm specs)
+    assert 'nv_trt_llm_request_metrics{request_type="waiting",' in waiting["metricsQuery"]
+    assert 'kv_cache_block_type="fraction"' in by_name["bayling_kv_cache_utilization"]["metricsQuery"]
     ratio = by_name["triton_queue_compute_ratio"]["metricsQuery"]
     assert "nv_inference_queue_duration_us" in ratio and "nv_inference_compute_infer_duration_us" in ratio
     for rule in by_name.values():
@@ -583,12 +632,19 @@ def test_hpa_scales_triton_on_a_metric_the_adapter_rules_define():
     assert monitor["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service", "rel-bayling")["metadata"]["labels"].items()
 
 
-def test_cpu_adapter_rule_uses_tritons_pending_requests():
+def test_cpu_adapter_rules_use_the_cpu_engines_queue_and_tritons_pending_requests():
+    from bayling.model_repository.engine_ct2 import LOAD_METRICS
+
     rules = yaml.safe_load(one(render(sets=("mode=cpu", "engine.source=builtin", "autoscaling.hpa.enabled=true")),
                                "ConfigMap", "rel-bayling-prometheus-adapter-rules")["data"]["values.yaml"])
-    waiting = next(r for r in rules["rules"]["custom"] if r["name"]["as"] == "bayling_waiting_requests")
+    by_name = {r["name"]["as"]: r for r in rules["rules"]["custom"]}
+    waiting = by_name["bayling_waiting_requests"]
+    assert f'{LOAD_METRICS["waiting"][0]}{{<<.LabelMatchers>>}}' in waiting["metricsQuery"]
     assert 'nv_inference_pending_request_count{model="bayling",' in waiting["metricsQuery"]
-    assert "nv_trt_llm" not in waiting["metricsQuery"]
+    assert waiting["seriesQuery"].startswith(LOAD_METRICS["waiting"][0] + "{")
+    kv = by_name["bayling_kv_cache_utilization"]
+    assert kv["seriesQuery"].startswith(LOAD_METRICS["kv_cache_utilization"][0] + "{")
+    assert "nv_trt_llm" not in json.dumps(rules)
 
 
 def test_keda_scales_triton_from_a_prometheus_query_of_this_release():
@@ -611,9 +667,12 @@ TRITON_METRICS = {"nv_inference_request_success", "nv_inference_request_failure"
                   "nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
                   # opt-in histogram (--metrics-config histogram_latencies=true), newer than 2.51
                   "nv_inference_first_response_histogram_ms"}
-#  - tensorrtllm_backend v0.17.0 inflight_batcher_llm/src/custom_metrics_reporter/custom_metrics_reporter.cc
-TRTLLM_METRICS = {"nv_trt_llm_request_metrics": ("request_type", {"active", "max", "scheduled", "context"}),
-                  "nv_trt_llm_kv_cache_block_metrics": ("kv_cache_block_type", {"max", "free", "used", "tokens_per", "reused"}),
+#  - NVIDIA/TensorRT-LLM triton_backend/inflight_batcher_llm/src/custom_metrics_reporter/custom_metrics_reporter.cc
+#    (read at commit 0d5352f5; tensorrtllm_backend v0.17.0 had neither "waiting" nor "fraction", which
+#    the endpoint picker's triton-tensorrt-llm specs read)
+TRTLLM_METRICS = {"nv_trt_llm_request_metrics": ("request_type", {"active", "max", "scheduled", "context", "waiting"}),
+                  "nv_trt_llm_kv_cache_block_metrics": ("kv_cache_block_type",
+                                                        {"max", "free", "used", "tokens_per", "reused", "fraction"}),
                   "nv_llm_output_token_len": ("response_metric_type", {"total_output_tokens"})}
 
 
@@ -675,7 +734,7 @@ def test_gpu_mode_turns_on_first_response_histograms_and_cpu_threads_default_to_
 def test_the_gateway_and_the_demo_accept_the_rendered_arguments(deployment, module):
     c = one(render("gpu-values.yaml"), "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
     args = _parse_with_the_real_cli(module, c["args"])
-    assert args.url == "rel-bayling:8001"
+    assert args.url == "dns:///rel-bayling-headless:8001"
     assert getattr(args, "host", None) == "0.0.0.0" or getattr(args, "address", None) == "0.0.0.0"
     assert args.port == c["ports"][0]["containerPort"]
 
@@ -690,3 +749,170 @@ def test_text_model_instances_follow_the_cores_unless_set_and_the_server_accepts
     failed = helm("template", "rel", str(CHART), "-f", str(CHART / "ci" / "gpu-values.yaml"),
                   "--set", "triton.entryInstances=0", check=False)
     assert failed.returncode != 0 and "entryInstances" in failed.stderr
+
+
+# --- routing: the headless Service, the InferencePool and its endpoint picker ------------------------------------
+POOL_VARIANTS = {"gpu": "inference-pool-values.yaml", "cpu": "inference-pool-cpu-values.yaml"}
+
+
+def epp_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(one(docs, "ConfigMap", "rel-bayling-epp")["data"]["epp-config.yaml"])
+
+
+@pytest.mark.parametrize("sets", [(), ("mode=cpu", "engine.source=builtin")])
+def test_service_mode_clients_balance_over_the_headless_service_of_the_triton_pods(sets):
+    from bayling.client.library import parse_targets
+
+    docs = render("gpu-values.yaml", sets=sets)
+    headless = one(docs, "Service", "rel-bayling-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
+    assert headless["spec"]["selector"] == triton(docs)["spec"]["selector"]["matchLabels"]
+    gateway = one(docs, "Deployment", "rel-bayling-openai")["spec"]["template"]["spec"]["containers"][0]
+    args = _parse_with_the_real_cli("bayling.client.openai_gateway", gateway["args"])
+    targets = parse_targets(args.url, args.protocol)
+    assert (targets.dns_name, targets.dns_port) == ("rel-bayling-headless", 8001) and args.balance == "least_requests"
+    assert not find(docs, "InferencePool") and not find(docs, "HTTPRoute") and not find(docs, "Deployment", "rel-bayling-epp")
+    assert "inference.networking.k8s.io/engine-type" not in triton(docs)["spec"]["template"]["metadata"]["labels"]
+    assert [c["name"] for c in triton(docs)["spec"]["template"]["spec"]["containers"]] == ["triton"]
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_inference_pool_mode_renders_the_pool_its_picker_and_a_route_that_fit_together(mode):
+    docs = render(POOL_VARIANTS[mode])
+    deployment = triton(docs)
+    pod = deployment["spec"]["template"]
+    sidecar = container(pod["spec"], "openai")
+    pool = one(docs, "InferencePool", "rel-bayling")
+    # the pool selects exactly the serving pods and targets their OpenAI sidecar
+    assert pool["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pool["spec"]["targetPorts"] == [{"number": sidecar["ports"][0]["containerPort"]}]
+    args = _parse_with_the_real_cli("bayling.client.openai_gateway", sidecar["args"])
+    assert args.url == "localhost:8001" and args.host == "0.0.0.0" and args.port == 9000
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert GPU not in json.dumps(sidecar)
+    # the picker: its Service is the pool's endpointPickerRef, on the ext-proc port it listens on
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = one(docs, "Service", ref["name"])
+    assert ref["port"]["number"] in {p["port"] for p in epp_service["spec"]["ports"]}
+    assert ref["port"]["number"] == GAIE["ports"]["value"]["grpc"]
+    epp = one(docs, "Deployment", ref["name"])
+    assert epp_service["spec"]["selector"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
+    assert pool["spec"]["endpointPickerRef"]["failureMode"] == ("FailClose" if mode == "gpu" else "FailOpen")
+    # the route: the user's Gateway, OpenAI paths to the pool
+    route = one(docs, "HTTPRoute", "rel-bayling")
+    parent = route["spec"]["parentRefs"][0]
+    if mode == "gpu":
+        assert (parent["name"], parent["namespace"], parent["sectionName"]) == ("inference-gateway", "gateways", "https")
+        assert route["spec"]["hostnames"] == ["bayling.example.com"]
+    rule = route["spec"]["rules"][0]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "rel-bayling"}]
+    assert rule["matches"][0]["path"] == {"type": "PathPrefix", "value": "/v1"}
+    assert rule["timeouts"]["request"] == "600s"
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_the_endpoint_picker_is_the_pinned_release_with_only_its_own_flags_plugins_and_permissions(mode):
+    docs = render(POOL_VARIANTS[mode])
+    epp = one(docs, "Deployment", "rel-bayling-epp")
+    spec = epp["spec"]["template"]["spec"]
+    c = container(spec, "epp")
+    assert c["image"] == GAIE["image"]["value"]
+    flags = {a.split("=", 1)[0][2:] for a in c["args"] if a.startswith("--")}
+    assert flags <= set(GAIE["flags"]["value"]), flags - set(GAIE["flags"]["value"])
+    assert (arg(c, "--pool-name"), arg(c, "--pool-namespace"), arg(c, "--pool-group")) == \
+           ("rel-bayling", "llm", "inference.networking.k8s.io")
+    # it scrapes Triton's metrics port (the pool targets the sidecar)
+    assert int(arg(c, "--model-server-metrics-port")) == next(
+        p["containerPort"] for p in container(triton(docs)["spec"]["template"]["spec"], "triton")["ports"]
+        if p["name"] == "metrics")
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == GAIE["ports"]["value"]
+    assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": GAIE["ports"]["health_service"]}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert arg(c, "--config-file").startswith(mount["mountPath"] + "/")
+    # config: the release's EndpointPickerConfig, plugins it registers, profiles naming them
+    config = epp_config(docs)
+    facts = GAIE["config"]
+    assert (config["apiVersion"], config["kind"]) == (facts["apiVersion"], facts["kind"])
+    assert set(config) <= set(facts["fields"]) | {"apiVersion", "kind"}
+    types = [p["type"] for p in config["plugins"]]
+    assert set(types) <= set(GAIE["plugin_types"]["value"])
+    for profile in config["schedulingProfiles"]:
+        for ref in profile["plugins"]:
+            assert ref["pluginRef"] in types and set(ref) <= set(facts["profile_plugin_fields"])
+    assert ("prefix-cache-scorer" in types) == (mode == "gpu")   # TensorRT-LLM reuses KV blocks; CTranslate2 does not
+    # the permissions the release's own chart grants, no more (no cluster-wide role)
+    role = one(docs, "Role", "rel-bayling-epp")
+    assert role["rules"] == GAIE["rbac"]["value"]
+    binding = one(docs, "RoleBinding", "rel-bayling-epp")
+    assert binding["subjects"][0]["name"] == spec["serviceAccountName"] == "rel-bayling-epp"
+    assert not find(docs, "ClusterRole")
+    assert GPU not in json.dumps(spec) and "nodeSelector" not in spec
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_the_picker_reads_the_metrics_the_serving_pods_export_under_the_names_it_is_configured_with(mode):
+    from bayling.model_repository.engine_ct2 import LOAD_METRICS
+
+    docs = render(POOL_VARIANTS[mode])
+    extractor = next(p for p in epp_config(docs)["plugins"] if p["type"] == "core-metrics-extractor")
+    params = extractor["parameters"]
+    assert set(params) <= set(GAIE["metrics_extractor"]["parameters"])
+    label = triton(docs)["spec"]["template"]["metadata"]["labels"][GAIE["metrics_extractor"]["engine_label_key"]]
+    assert label == params["defaultEngine"]
+    source = next(p for p in epp_config(docs)["plugins"] if p["type"] == "metrics-data-source")
+    assert source["parameters"]["path"] == "/metrics"
+    if mode == "gpu":
+        # the release's builtin specs for Triton TensorRT-LLM, on labels the backend exports
+        assert label == "triton-tensorrt-llm" and "engineConfigs" not in params
+        specs = GAIE["metrics_extractor"]["builtin_engines"]["triton-tensorrt-llm"]
+        for spec in specs.values():
+            family, label, value = re.fullmatch(r"(\w+)\{(\w+)=(\w+)\}", spec).groups()
+            assert TRTLLM_METRICS[family][0] == label and value in TRTLLM_METRICS[family][1], spec
+        return
+    engine = next(e for e in params["engineConfigs"] if e["name"] == label)
+    assert set(engine) <= set(GAIE["metrics_extractor"]["engine_config_fields"])
+    assert engine["queuedRequestsSpec"] == LOAD_METRICS["waiting"][0]
+    assert engine["runningRequestsSpec"] == LOAD_METRICS["running"][0]
+    assert engine["kvUsageSpec"] == LOAD_METRICS["kv_cache_utilization"][0]
+    # the CPU model registers exactly these gauges, from that one table
+    model = (ROOT / "model_repository" / "templates" / "tensorrt_llm_cpu" / "1" / "model.py").read_text()
+    assert "LOAD_METRICS" in model and "MetricFamily.GAUGE" in model
+    # and the autoscaler scales on the same queue
+    rules = yaml.safe_load(one(render(POOL_VARIANTS[mode], sets=("autoscaling.hpa.enabled=true",)),
+                               "ConfigMap", "rel-bayling-prometheus-adapter-rules")["data"]["values.yaml"])
+    waiting = next(r for r in rules["rules"]["custom"] if r["name"]["as"] == "bayling_waiting_requests")
+    assert engine["queuedRequestsSpec"] + "{" in waiting["metricsQuery"]
+
+
+def test_inference_pool_mode_opens_the_sidecar_to_the_gateway_and_the_metrics_to_the_picker():
+    docs = render(POOL_VARIANTS["cpu"])
+    rules = one(docs, "NetworkPolicy", "rel-bayling-triton")["spec"]["ingress"]
+    sidecar = next(r for r in rules if [p["port"] for p in r["ports"]] == ["openai"])
+    assert "from" not in sidecar                                # routing.inferencePool.clientsFrom [] = anyone
+    picker = [r for r in rules if [p["port"] for p in r["ports"]] == ["metrics"] and "podSelector" in r["from"][0]]
+    epp_labels = one(docs, "Deployment", "rel-bayling-epp")["spec"]["template"]["metadata"]["labels"]
+    assert picker and picker[0]["from"][0]["podSelector"]["matchLabels"].items() <= epp_labels.items()
+
+
+def test_inference_pool_mode_needs_the_gateway_and_inference_apis_and_a_free_sidecar_port():
+    needs = render_error(sets=("routing.mode=inference-pool",), apis=False)
+    assert "inference.networking.k8s.io/v1" in needs and "--api-versions" in needs
+    clash = render_error(sets=("routing.mode=inference-pool", "routing.inferencePool.sidecar.port=8002"), apis=True)
+    assert "sidecar.port" in clash and "metrics" in clash
+    assert "/routing/mode" in render_error(sets=("routing.mode=envoy",))
+
+
+def test_released_crd_check_refuses_what_an_api_server_would_drop_or_refuse():
+    pool = one(render(POOL_VARIANTS["cpu"]), "InferencePool")
+    validate_released_crd(pool)
+    typo = json.loads(json.dumps(pool))
+    typo["spec"]["targetPort"] = typo["spec"].pop("targetPorts")
+    with pytest.raises(Exception):
+        validate_released_crd(typo)
+    extra = json.loads(json.dumps(pool))
+    extra["spec"]["endpointPickerRef"]["timeout"] = "5s"
+    with pytest.raises(AssertionError, match="timeout"):
+        validate_released_crd(extra)
+    for crd in RELEASED_CRDS.values():
+        assert re.fullmatch(r"v\d+\.\d+\.\d+", crd["source"]["tag"]) and len(crd["source"]["commit"]) == 40

@@ -178,14 +178,15 @@ affinity:
 {{- toYaml $res }}
 {{- end }}
 
-{{/* PromQL: requests waiting, per pod (prometheus-adapter template). GPU: accepted by TensorRT-LLM
-but not scheduled this iteration. CPU: waiting in Triton for the bayling model (seen rising under a
-burst of streams on the CPU server; requests already handed to the CPU engine are not counted). */}}
+{{/* PromQL: requests waiting, per pod (prometheus-adapter template): the queue the endpoint picker
+balances on (its TotalQueuedRequests metric), so the autoscaler adds a pod when the picker has
+nowhere short to send requests. GPU: TensorRT-LLM's waiting requests. CPU: the CPU engine's waiting
+requests plus those Triton holds before the bayling model. */}}
 {{- define "bayling.waitingQuery" -}}
 {{- if eq .Values.mode "gpu" -}}
-sum(nv_trt_llm_request_metrics{request_type="active",<<.LabelMatchers>>}) by (<<.GroupBy>>) - sum(nv_trt_llm_request_metrics{request_type="scheduled",<<.LabelMatchers>>}) by (<<.GroupBy>>)
+sum(nv_trt_llm_request_metrics{request_type="waiting",<<.LabelMatchers>>}) by (<<.GroupBy>>)
 {{- else -}}
-sum(nv_inference_pending_request_count{model="bayling",<<.LabelMatchers>>}) by (<<.GroupBy>>)
+sum(bayling_engine_waiting_requests{<<.LabelMatchers>>}) by (<<.GroupBy>>) + sum(nv_inference_pending_request_count{model="bayling",<<.LabelMatchers>>}) by (<<.GroupBy>>)
 {{- end }}
 {{- end }}
 
@@ -193,10 +194,38 @@ sum(nv_inference_pending_request_count{model="bayling",<<.LabelMatchers>>}) by (
 {{- define "bayling.waitingQueryTotal" -}}
 {{- $sel := printf "namespace=\"%s\",pod=~\"%s-[a-z0-9]+-[a-z0-9]+\"" .Release.Namespace (include "bayling.fullname" .) }}
 {{- if eq .Values.mode "gpu" -}}
-sum(nv_trt_llm_request_metrics{request_type="active",{{ $sel }}}) - sum(nv_trt_llm_request_metrics{request_type="scheduled",{{ $sel }}})
+sum(nv_trt_llm_request_metrics{request_type="waiting",{{ $sel }}})
 {{- else -}}
-sum(nv_inference_pending_request_count{model="bayling",{{ $sel }}})
+sum(bayling_engine_waiting_requests{ {{- $sel -}} }) + sum(nv_inference_pending_request_count{model="bayling",{{ $sel }}})
 {{- end }}
+{{- end }}
+
+{{/* PromQL: the KV-cache fraction in use, per pod (the picker's KVCacheUtilization metric). */}}
+{{- define "bayling.kvQuery" -}}
+{{- if eq .Values.mode "gpu" -}}
+max(nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",<<.LabelMatchers>>}) by (<<.GroupBy>>)
+{{- else -}}
+max(bayling_engine_kv_cache_utilization{<<.LabelMatchers>>}) by (<<.GroupBy>>)
+{{- end }}
+{{- end }}
+
+{{/* Routing: the headless Service, the URL clients balance over, the endpoint picker ---------- */}}
+{{- define "bayling.headlessName" -}}
+{{- printf "%s-headless" (include "bayling.fullname" .) }}
+{{- end }}
+
+{{- define "bayling.balancedUrl" -}}
+{{- printf "dns:///%s:%v" (include "bayling.headlessName" .) .Values.triton.ports.grpc }}
+{{- end }}
+
+{{- define "bayling.eppName" -}}
+{{- printf "%s-epp" (include "bayling.fullname" .) }}
+{{- end }}
+
+{{/* The engine type the picker reads the pods' metrics as: TensorRT-LLM's own names (built into
+the picker), or the CPU engine's bayling_engine_* gauges (configured in the picker's ConfigMap). */}}
+{{- define "bayling.engineType" -}}
+{{- ternary "triton-tensorrt-llm" "bayling-ctranslate2" (eq .Values.mode "gpu") }}
 {{- end }}
 
 {{/* Checks of combinations the schema cannot express. */}}
@@ -224,6 +253,18 @@ sum(nv_inference_pending_request_count{model="bayling",{{ $sel }}})
 {{- end }}
 {{- if and (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled) (not (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}
 {{- fail "metrics.serviceMonitor/podMonitor: the cluster has no monitoring.coreos.com/v1 API (install the Prometheus Operator; with helm template pass --api-versions monitoring.coreos.com/v1)" }}
+{{- end }}
+{{- if eq .Values.routing.mode "inference-pool" }}
+{{- range list "inference.networking.k8s.io/v1" "gateway.networking.k8s.io/v1" }}
+{{- if not ($.Capabilities.APIVersions.Has .) }}
+{{- fail (printf "routing.mode=inference-pool: the cluster has no %s API (install the Gateway API and Inference Extension CRDs; with helm template pass --api-versions %s)" . .) }}
+{{- end }}
+{{- end }}
+{{- range $name, $port := .Values.triton.ports }}
+{{- if eq (int $port) (int $.Values.routing.inferencePool.sidecar.port) }}
+{{- fail (printf "routing.inferencePool.sidecar.port %v is Triton's %s port: choose another" $port $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas) }}
 {{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" }}
