@@ -95,7 +95,7 @@ def start_server(options: ServeOptions) -> TritonServer:
 
 def endpoints(server: TritonServer) -> str:
     return (f"BayLing is being served\n"
-            f"  gRPC     {server.grpc_url}   (models: bayling, ensemble, tensorrt_llm)\n"
+            f"  gRPC     {server.grpc_url}   (models: bayling, ensemble, tensorrt_llm, tensorrt_llm_bls)\n"
             f"  HTTP     http://{server.http_url}   (e.g. POST /v2/models/bayling/generate)\n"
             f"  metrics  {server.metrics_url}\n"
             f"chat with it: bayling chat --url {server.grpc_url}")
