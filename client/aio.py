@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import AsyncIterator, Sequence
 
@@ -24,6 +25,7 @@ from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, 
                                     backoff_delays, final_result, grpc_inputs, grpc_outputs, grpc_status_error,
                                     http_error, httpx_options, model_info_from_config, no_server_error, parse_targets,
                                     request_values, sse_event)
+from bayling.client.library import add_token_logprobs
 
 
 class AsyncChatStream:
@@ -32,6 +34,7 @@ class AsyncChatStream:
     def __init__(self, responses: AsyncIterator[tuple[dict, bool]]):
         self._responses = responses
         self._pieces: list[str] = []
+        self.logprobs: list[dict] | None = None     # token entries so far, when asked for
         self.result: ChatResult | None = None
 
     @property
@@ -47,8 +50,9 @@ class AsyncChatStream:
             piece = outputs.get("text_output", "")
             if piece:
                 self._pieces.append(piece)
+            self.logprobs = add_token_logprobs(outputs, self.logprobs)
             if final:
-                self.result = final_result(self.text, outputs)
+                self.result = final_result(self.text, outputs, self.logprobs)
             if piece:
                 return piece
 
@@ -134,12 +138,15 @@ class _AioHttpTransport:
         """Always generate_stream: only closing an SSE connection cancels on the server (see library.py)."""
         if not values.get("stream"):
             pieces: list[str] = []
+            logprobs = None
             inner = self.responses({**values, "stream": True}, timeout)
             try:
                 async for event, final in inner:
                     pieces.append(event.get("text_output", ""))
+                    logprobs = add_token_logprobs(event, logprobs)
                     if final:
-                        yield {**event, "text_output": "".join(pieces)}, True
+                        joined = {} if logprobs is None else {"token_logprobs": json.dumps(logprobs)}
+                        yield {**event, "text_output": "".join(pieces), **joined}, True
             finally:
                 await inner.aclose()
             return

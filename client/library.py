@@ -45,6 +45,7 @@ class ChatResult:
     finish_reason: str          # stop, length or cancelled
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict] | None = None   # with logprobs=True: {token, logprob, bytes, top_logprobs} per token
 
 
 @dataclass
@@ -114,6 +115,10 @@ def request_values(messages: str | Sequence[dict] | None, params: dict, *, strea
             value = [value] if isinstance(value, str) else list(value)
             if not value:
                 continue
+        if name == "logit_bias":
+            if not value:
+                continue
+            value = json.dumps(value)          # the model takes {token_id: bias} as JSON
         values[name] = value
     values["stream"] = stream
     return values
@@ -137,6 +142,7 @@ class ChatStream:
     def __init__(self, responses: Iterator[tuple[dict, bool]]):
         self._responses = responses
         self._pieces: list[str] = []
+        self.logprobs: list[dict] | None = None     # token entries so far, when asked for
         self.result: ChatResult | None = None
 
     @property
@@ -153,8 +159,9 @@ class ChatStream:
             piece = outputs.get("text_output", "")
             if piece:
                 self._pieces.append(piece)
+            self.logprobs = add_token_logprobs(outputs, self.logprobs)
             if final:
-                self.result = final_result(self.text, outputs)
+                self.result = final_result(self.text, outputs, self.logprobs)
             if piece:
                 return piece
 
@@ -174,10 +181,20 @@ class ChatStream:
             pass
 
 
-def final_result(text: str, outputs: dict) -> ChatResult:
+def final_result(text: str, outputs: dict, logprobs: list[dict] | None = None) -> ChatResult:
     return ChatResult(text=text, finish_reason=outputs.get("finish_reason") or "cancelled",
                       prompt_tokens=int(outputs.get("prompt_tokens", 0)),
-                      completion_tokens=int(outputs.get("completion_tokens", 0)))
+                      completion_tokens=int(outputs.get("completion_tokens", 0)), logprobs=logprobs)
+
+
+def add_token_logprobs(outputs: dict, into: list[dict] | None) -> list[dict] | None:
+    """The response's `token_logprobs` (JSON) appended to `into`; None while none came."""
+    given = outputs.get("token_logprobs")
+    if given is None:
+        return into
+    into = [] if into is None else into
+    into.extend(json.loads(given))
+    return into
 
 
 def parse_url(url: str, protocol: str | None) -> tuple[str, str]:
@@ -212,6 +229,7 @@ def model_info_from_config(config: dict) -> ModelInfo:
 def backoff_delays(retries: int, backoff: float, cap: float = 10.0) -> list[float]:
     """Exponential backoff with a little jitter: backoff, 2*backoff, 4*backoff ... (capped)."""
     return [min(cap, backoff * 2 ** i) * (1 + 0.1 * random.random()) for i in range(retries)]
+
 
 # --- several servers: targets, endpoints and the balancing policy (no I/O; shared by both clients)
 
@@ -353,7 +371,6 @@ def no_server_error(targets: Targets) -> BayLingServerError:
     return BayLingServerError("UNAVAILABLE", f"{targets}: no server address (the name resolves to nothing)")
 
 
-
 # --- the wire: shared by the sync and asyncio transports
 
 def grpc_inputs(grpcclient, values: dict) -> list:
@@ -492,11 +509,14 @@ class _HttpTransport:
         request is asked for streamed and answered as one final response (the pieces join exactly)."""
         if not values.get("stream"):
             pieces: list[str] = []
+            logprobs = None
             with closing(self.responses({**values, "stream": True}, timeout)) as events:
                 for event, final in events:
                     pieces.append(event.get("text_output", ""))
+                    logprobs = add_token_logprobs(event, logprobs)
                     if final:
-                        yield {**event, "text_output": "".join(pieces)}, True
+                        joined = {} if logprobs is None else {"token_logprobs": json.dumps(logprobs)}
+                        yield {**event, "text_output": "".join(pieces), **joined}, True
             return
         deadline = time.monotonic() + timeout
         request = self._client.build_request("POST", f"{self.base}/v2/models/{MODEL}/generate_stream",

@@ -2,11 +2,14 @@
 
 Tools that speak the OpenAI API talk to BayLing through it: POST /v1/chat/completions and
 POST /v1/completions (streamed as server-sent events ending with `data: [DONE]`, or not),
-GET /v1/models and GET /health. It maps max_tokens (or max_completion_tokens), temperature,
-top_p, stop, seed, presence_penalty and frequency_penalty (the CPU engine refuses non-zero
-penalties), plus the extensions top_k, repetition_penalty, min_tokens and ignore_eos (as vLLM's). Unsupported
-parameters (n > 1, logprobs, tools, response_format other than text, ...) answer 400 with an
-OpenAI-style error naming the parameter. A client that disconnects mid-stream cancels the
+GET /v1/models and GET /health. Requests are OpenAI's typed models (client/openai_protocol.py),
+validated once here with OpenAI's ranges. It serves max_tokens (or max_completion_tokens),
+temperature, top_p, stop, seed, n (several sequences, sampled independently), presence_penalty,
+frequency_penalty, logit_bias, logprobs and top_logprobs (chat; `logprobs` 0-5 for completions),
+echo, best_of and several prompts (completions), stream_options.include_usage, plus the
+extensions top_k, repetition_penalty, min_tokens and ignore_eos (as vLLM's). Wrong or unsupported
+parameters (tools, response_format other than text, ...) answer 400 with an OpenAI-style error
+naming the parameter. A client that disconnects mid-stream cancels the
 generation on the server. With --api-key (or BAYLING_API_KEY), /v1 needs `Authorization: Bearer KEY`.
 A request body over --max-request-bytes (8 MiB by default) answers 413 before more of it is read.
 
@@ -24,61 +27,42 @@ examples:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 
 from bayling.client.library import BALANCE_POLICIES
 from bayling.errors import BaylingError
-from bayling.params import NO_END_ID, validate
-from bayling.templates import shown
+from bayling.params import NO_END_ID, UINT64_MAX, validate
+
+try:
+    from bayling.client import openai_protocol as proto
+    from bayling.client.openai_protocol import OpenAIError
+except ModuleNotFoundError:      # pydantic: `bayling openai` says what to install (main)
+    proto = None
+    OpenAIError = Exception      # noqa: N816
 
 # BayLing request field -> the OpenAI parameter users wrote
 OPENAI_PARAM = {"random_seed": "seed", "stop_words": "stop", "min_length": "min_tokens", "text_input": "prompt"}
-UNSUPPORTED_ALWAYS = {"tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-                      "function_call": "function calling", "logit_bias": "logit_bias", "audio": "audio output",
-                      "modalities": "output modalities", "prediction": "predicted outputs",
-                      "web_search_options": "web search", "suffix": "a suffix (insertion)"}
+COMPLETIONS_PARAM = {**OPENAI_PARAM, "top_logprobs": "logprobs"}
 # Request bodies above this get 413 before more is read: twice the server's MAX_MESSAGES_BYTES of
 # conversation, since JSON clients may escape every non-ASCII character as \uXXXX (6 bytes, not 3).
 MAX_REQUEST_BYTES = 8 * 2**20
-INT32_MAX = 2**31 - 1        # top_k's tensor type; the shared validation sets no upper bound
+COMPLETIONS_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 STATUS_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499}
 
 
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def unsupported(param: str, what: str) -> OpenAIError:
-    return OpenAIError(400, f"{param}: {what} is not supported by BayLing", param, code="unsupported_parameter")
-
-
-def integer(body: dict, name: str) -> int | None:
-    """An integer parameter that only the gateway reads (n, best_of), or None when not given."""
-    value = body.get(name)
-    if value is None:
-        return None
-    fraction = isinstance(value, float) and not value.is_integer()    # inf and nan too
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or fraction:
-        raise OpenAIError(400, f"{name}: must be an integer, got {shown(value)}", name, code="invalid_value")
-    return int(value)
-
-
-def from_bayling_error(exc: BaylingError, given: dict | None = None) -> OpenAIError:
+def from_bayling_error(exc: BaylingError, request=None, chat: bool = True) -> "OpenAIError":
     """Client-side InvalidInput or the server's error -> an OpenAI error naming the parameter."""
     field = getattr(exc, "field", None)
-    param = OPENAI_PARAM.get(field, field)
-    if field == "max_tokens" and given and given.get("max_completion_tokens") is not None:
+    names = OPENAI_PARAM if chat else COMPLETIONS_PARAM
+    param = names.get(field, field)
+    if field == "max_tokens" and getattr(request, "max_completion_tokens", None) is not None:
         param = "max_completion_tokens"
     message = getattr(exc, "message", None) or str(exc)
     if field:   # a request field is wrong, whatever transport status carried it
@@ -88,109 +72,67 @@ def from_bayling_error(exc: BaylingError, given: dict | None = None) -> OpenAIEr
     return OpenAIError(status, message, None, kind, code=getattr(exc, "status", None))
 
 
-def check_common(body: dict) -> None:
-    """Refuse what BayLing cannot do, naming the parameter."""
-    for name, what in UNSUPPORTED_ALWAYS.items():
-        if body.get(name) not in (None, [], {}, "none", ""):
-            raise unsupported(name, what)
-    if integer(body, "n") not in (None, 1):
-        raise unsupported("n", "more than one choice (n > 1)")
-    if body.get("logprobs") not in (None, False):
-        raise unsupported("logprobs", "returning log probabilities")
-    if body.get("top_logprobs") is not None:
-        raise unsupported("top_logprobs", "returning log probabilities")
-    if integer(body, "best_of") not in (None, 1):
-        raise unsupported("best_of", "best_of > 1")
-    if body.get("echo"):
-        raise unsupported("echo", "echoing the prompt")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise unsupported("response_format", "a response format other than text")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise OpenAIError(400, "stream: must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not body.get("stream")):
-        raise OpenAIError(400, "stream_options: only allowed with stream true, as an object", "stream_options")
-
-
-def generation_params(body: dict, default_max_tokens: int | None = None) -> dict:
-    """OpenAI body -> BayLing generation parameters (bayling.params names)."""
-    params: dict = {}
-    max_tokens = body.get("max_completion_tokens")
-    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
-    params["max_tokens"] = max_tokens if max_tokens is not None else default_max_tokens
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"):
-        params[name] = body.get(name)
-    for name in ("presence_penalty", "frequency_penalty"):   # 0 means off: do not send it to an engine without them
-        if params[name] == 0 and not isinstance(params[name], bool):
-            params[name] = None
-    params["random_seed"] = body.get("seed")
-    params["min_length"] = body.get("min_tokens")
-    ignore_eos = body.get("ignore_eos")
-    if ignore_eos is not None and not isinstance(ignore_eos, bool):
-        raise OpenAIError(400, "ignore_eos: must be true or false", "ignore_eos")
-    if ignore_eos:
+def generation_params(request, default_max_tokens: int | None = None) -> dict:
+    """A typed OpenAI request -> BayLing generation parameters (bayling.params names), checked with the
+    server's own limits."""
+    max_tokens = request.max_new_tokens()
+    top_k = request.top_k
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    params = {
+        "max_tokens": max_tokens if max_tokens is not None else default_max_tokens,
+        "temperature": request.temperature, "top_p": request.top_p,
+        # 0 means off: no tensor for it
+        "presence_penalty": request.presence_penalty or None, "frequency_penalty": request.frequency_penalty or None,
+        "top_k": 0 if top_k == -1 else top_k, "repetition_penalty": request.repetition_penalty,
+        "random_seed": request.seed, "min_length": request.min_tokens, "stop_words": stop or None,
+        "logit_bias": request.logit_bias or None,
+    }
+    if request.ignore_eos:
         params["end_id"] = NO_END_ID   # generate max_tokens tokens
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise OpenAIError(400, "stop: must be a string or a list of strings", "stop")
-        params["stop_words"] = stop or None
+    if request.wants_logprobs:
+        params["logprobs"] = True
+        params["top_logprobs"] = request.top_count or None
     params = {k: v for k, v in params.items() if v is not None}
-    top_k = params.get("top_k")
-    if isinstance(top_k, (int, float)) and not isinstance(top_k, bool) and top_k > INT32_MAX:
-        raise OpenAIError(400, f"top_k: must be at most {INT32_MAX}, got {shown(top_k)}", "top_k", code="invalid_value")
     validate(params)   # before the messages are read: a wrong parameter is named whatever they hold
     return params
 
 
-def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise OpenAIError(400, "messages: must be a non-empty list", "messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise OpenAIError(400, f"messages[{i}]: must be an object", "messages")
-        role = message.get("role")
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise OpenAIError(400, f"messages[{i}]: role {shown(message.get('role'))} is not supported "
-                                   "(system, developer, user, assistant)", "messages")
-        content = message.get("content")
-        if isinstance(content, list):       # content parts: text only
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    kind = shown(part.get("type")) if isinstance(part, dict) else shown(part)
-                    raise OpenAIError(400, f"messages[{i}]: content part {kind} is not supported (text only)",
-                                      "messages")
-                if not isinstance(part.get("text"), str):
-                    raise OpenAIError(400, f"messages[{i}]: a text part needs a string text", "messages")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise OpenAIError(400, f"messages[{i}]: content must be a string or text parts", "messages")
-        out.append({"role": role, "content": content})
-    return out
+@dataclass
+class Job:
+    """One sequence to generate: choice `index` of prompt `prompt_index`."""
+    index: int
+    prompt_index: int
+    params: dict
 
 
-def completion_prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise OpenAIError(400, "prompt: must be a string (one prompt; token ids and batches are not supported)",
-                          "prompt")
-    return prompt
+def jobs_for(request, n_prompts: int, params: dict) -> list[Job]:
+    """n sequences per prompt (best_of for completions), sampled independently: with a seed, sequence j
+    uses seed + j, so that the choices differ and the answer repeats."""
+    count = getattr(request, "best_of", None) or request.choices_per_prompt
+    jobs = []
+    for p in range(n_prompts):
+        for j in range(count):
+            job_params = dict(params)
+            if "random_seed" in params and j:
+                job_params["random_seed"] = (params["random_seed"] + j) % (UINT64_MAX + 1)
+            jobs.append(Job(p * count + j, p, job_params))
+    return jobs
 
 
-def usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def mean_logprob(result) -> float:
+    entries = result.logprobs or []
+    return sum(e["logprob"] for e in entries) / len(entries) if entries else float("-inf")
+
+
+def usage(results: list, jobs: list[Job]) -> "proto.Usage":
+    """Each prompt's tokens once, every generated sequence's tokens."""
+    prompts: dict[int, int] = {}
+    for job, result in zip(jobs, results):
+        prompts.setdefault(job.prompt_index, result.prompt_tokens)
+    prompt_tokens = sum(prompts.values())
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return proto.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                       total_tokens=prompt_tokens + completion_tokens)
 
 
 def finish(reason: str) -> str:
@@ -234,7 +176,7 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
-    def error(exc: OpenAIError) -> JSONResponse:
+    def error(exc) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
     async def read_limited(request: Request) -> bytes:
@@ -253,22 +195,16 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request):
         if not authorized(request):
             raise OpenAIError(401, "Incorrect API key provided.", None, code="invalid_api_key")
         raw = await read_limited(request)
         try:
-            body = json.loads(raw)
+            return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise OpenAIError(400, "the request body is not valid JSON") from None
         except RecursionError:
             raise OpenAIError(400, "the request body is not valid JSON: nested too deeply") from None
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "the request body must be a JSON object")
-        if not isinstance(body.get("model"), str):
-            raise OpenAIError(400, "model: is required (any name: BayLing serves one model)", "model")
-        check_common(body)
-        return body
 
     async def health(request: Request) -> JSONResponse:
         ready = await client().health()
@@ -285,82 +221,46 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
                                      code="model_not_found"))
         return JSONResponse(model if "model" in request.path_params else {"object": "list", "data": [model]})
 
+    def open_stream(chat: bool, prompt, params: dict):
+        return client().stream_chat(prompt, **params) if chat else client().stream_complete(prompt, **params)
+
     async def generate(request: Request, chat: bool):
-        body: dict = {}
+        req, streams = None, []
         try:
-            body = await read_body(request)
-            params = generation_params(body, None if chat else 16)   # OpenAI's completions default: 16 tokens
-            messages = chat_messages(body) if chat else None
-            prompt = None if chat else completion_prompt(body)
+            req = proto.parse(proto.ChatCompletionRequest if chat else proto.CompletionRequest,
+                              await read_body(request))
+            params = generation_params(req, None if chat else COMPLETIONS_MAX_TOKENS)
+            prompts = [req.conversation] if chat else req.prompts()
+            if not chat and (req.best_of or 1) > req.choices_per_prompt:
+                params["logprobs"] = True          # best_of ranks the sequences by their mean log prob
+            jobs = jobs_for(req, len(prompts), params)
             # checked here, before anything is streamed (the same limits as the server)
-            if chat:
-                stream = client().stream_chat(messages, **params)
-            else:
-                stream = client().stream_complete(prompt, **params)
+            streams = [open_stream(chat, prompts[job.prompt_index], job.params) for job in jobs]
             model = await served_model()
-            # the first piece (or the server's refusal) before answering: errors become proper 4xx
-            first = await first_piece(stream)
+            # the first piece (or the server's refusal) of each before answering: errors become proper 4xx
+            firsts = await asyncio.gather(*(first_piece(s) for s in streams), return_exceptions=True)
+            failed = [f for f in firsts if isinstance(f, BaseException)]
+            if failed:
+                raise failed[0]
         except OpenAIError as exc:
+            await close_all(streams)
             return error(exc)
         except BaylingError as exc:
-            return error(from_bayling_error(exc, body))
+            await close_all(streams)
+            return error(from_bayling_error(exc, req, chat))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        if not body.get("stream"):
+        if not req.stream:
             try:
-                async for _ in stream:
-                    pass
+                results = await asyncio.gather(*(run_to_end(s) for s in streams))
             except BaylingError as exc:
-                return error(from_bayling_error(exc, body))
+                return error(from_bayling_error(exc, req, chat))
             finally:
-                await stream.aclose()
-            result = stream.result
-            choice = ({"index": 0, "message": {"role": "assistant", "content": result.text},
-                       "logprobs": None, "finish_reason": finish(result.finish_reason)} if chat else
-                      {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish(result.finish_reason)})
-            return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": model, "choices": [choice], "usage": usage(result),
-                                 "system_fingerprint": None})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(events(stream, first, chat, ident, created, model, include_usage),
+                await close_all(streams)
+            return JSONResponse(whole_answer(req, chat, prompts, jobs, results, ident, created, model))
+        return StreamingResponse(events(req, chat, prompts, jobs, streams, firsts, ident, created, model),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def events(stream, first, chat: bool, ident: str, created: int, model: str, include_usage: bool):
-        """SSE chunks; if the client goes away, Starlette cancels this generator and `finally` cancels
-        the request on the server."""
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            return sse({"id": ident, "object": kind, "created": created, "model": model, "choices": [choice],
-                        "system_fingerprint": None, **extra})
-
-        try:
-            if chat:
-                yield chunk(None, None, role=True)
-            if first:
-                yield chunk(first, None)
-            try:
-                async for piece in stream:
-                    yield chunk(piece, None)
-            except BaylingError as exc:
-                yield sse(from_bayling_error(exc).body())
-                yield sse("[DONE]")
-                return
-            result = stream.result
-            yield chunk(None if chat else "", finish(result.finish_reason if result else "stop"))
-            if include_usage and result:
-                yield sse({"id": ident, "object": kind, "created": created, "model": model, "choices": [],
-                           "system_fingerprint": None, "usage": usage(result)})
-            yield sse("[DONE]")
-        finally:
-            await stream.aclose()       # a no-op when finished; cancels on the server otherwise
 
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
@@ -395,6 +295,132 @@ async def first_piece(stream) -> str:
         return ""
 
 
+_RUNNING: set = set()   # strong references to the pump tasks (a task only weakly held may vanish mid-run)
+
+
+def spawn(coro) -> asyncio.Task:
+    task = asyncio.create_task(coro)
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return task
+
+
+async def run_to_end(stream):
+    async for _ in stream:
+        pass
+    if stream.result is None:
+        raise BaylingError("the server closed the stream without an answer")
+    return stream.result
+
+
+async def close_all(streams) -> None:
+    for stream in streams:
+        await stream.aclose()       # a no-op when finished; cancels on the server otherwise
+
+
+def whole_answer(req, chat: bool, prompts: list, jobs: list[Job], results: list, ident: str, created: int,
+                 model: str) -> dict:
+    """The non-streamed response; with best_of, the n sequences of each prompt with the highest mean log prob."""
+    chosen = list(zip(jobs, results))
+    n = req.choices_per_prompt
+    if not chat and (req.best_of or n) > n:
+        by_prompt: dict[int, list] = {}
+        for job, result in chosen:
+            by_prompt.setdefault(job.prompt_index, []).append((job, result))
+        chosen = [pair for p in sorted(by_prompt) for pair in
+                  sorted(by_prompt[p], key=lambda pair: -mean_logprob(pair[1]))[:n]]
+    top = req.top_count
+    choices = []
+    for index, (job, result) in enumerate(chosen):
+        reason = finish(result.finish_reason)
+        if chat:
+            logprobs = proto.chat_logprobs(result.logprobs or [], top) if req.wants_logprobs else None
+            choices.append(proto.ChatChoice(index=index, message=proto.AssistantMessage(content=result.text),
+                                            logprobs=logprobs, finish_reason=reason))
+        else:
+            prefix = prompts[job.prompt_index] if req.echo else ""
+            logprobs = (proto.completion_logprobs(result.logprobs or [], top, len(prefix))
+                        if req.wants_logprobs else None)
+            choices.append(proto.CompletionChoice(index=index, text=prefix + result.text, logprobs=logprobs,
+                                                  finish_reason=reason))
+    kind = proto.ChatCompletion if chat else proto.Completion
+    return proto.dump(kind(id=ident, created=created, model=model, choices=choices, usage=usage(results, jobs)))
+
+
+async def events(req, chat: bool, prompts: list, jobs: list[Job], streams: list, firsts: list, ident: str,
+                 created: int, model: str):
+    """SSE chunks of every choice, as they come; if the client goes away, Starlette cancels this generator
+    and `finally` cancels the requests on the server."""
+    include_usage, top = req.include_usage, req.top_count
+    queue: asyncio.Queue = asyncio.Queue()
+    echo = not chat and req.echo
+    offsets = [len(prompts[job.prompt_index]) if echo else 0 for job in jobs]   # completions' text_offset
+
+    async def pump(k: int, stream, first: str) -> None:
+        sent = 0
+
+        def new_logprobs() -> list[dict]:
+            nonlocal sent
+            entries = (stream.logprobs or [])[sent:]
+            sent += len(entries)
+            return entries
+        try:
+            await queue.put((k, "piece", first, new_logprobs()))
+            async for piece in stream:
+                await queue.put((k, "piece", piece, new_logprobs()))
+            await queue.put((k, "end", stream.result, new_logprobs()))
+        except BaylingError as exc:
+            await queue.put((k, "error", exc, []))
+        finally:
+            await stream.aclose()       # cancels on the server unless it finished
+
+    def chunk(k: int, text: str | None, entries: list[dict], reason: str | None = None, role: bool = False) -> str:
+        if chat:
+            logprobs = proto.chat_logprobs(entries, top) if req.wants_logprobs and (entries or text) else None
+            delta = proto.Delta(role="assistant", content="") if role else proto.Delta(content=text)
+            choice = proto.ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=reason)
+            data = proto.ChatCompletionChunk(id=ident, created=created, model=model, choices=[choice])
+        else:
+            logprobs = None
+            if req.wants_logprobs and (entries or text):
+                logprobs = proto.completion_logprobs(entries, top, offsets[k])
+                offsets[k] += sum(len(e["token"]) for e in entries)
+            choice = proto.CompletionChoice(index=k, text=text or "", logprobs=logprobs, finish_reason=reason)
+            data = proto.Completion(id=ident, created=created, model=model, choices=[choice])
+        return sse(proto.dump(data, usage=include_usage))
+
+    tasks = [spawn(pump(job.index, s, f)) for job, s, f in zip(jobs, streams, firsts)]
+    try:
+        for job in jobs:
+            if chat:
+                yield chunk(job.index, None, [], role=True)
+            elif echo:
+                yield chunk(job.index, prompts[job.prompt_index], [])
+        results: dict[int, object] = {}
+        while len(results) < len(jobs):
+            k, kind, value, entries = await queue.get()
+            if kind == "piece":
+                if value or entries:
+                    yield chunk(k, value, entries)
+            elif kind == "end":
+                results[k] = value
+                yield chunk(k, None if chat else "", entries, finish(value.finish_reason if value else "stop"))
+            else:
+                yield sse(from_bayling_error(value, req, chat).body())
+                yield sse("[DONE]")
+                return
+        if include_usage:
+            total = usage([results[job.index] for job in jobs], jobs)
+            kind = proto.ChatCompletionChunk if chat else proto.Completion
+            yield sse(proto.dump(kind(id=ident, created=created, model=model, choices=[], usage=total)))
+        yield sse("[DONE]")
+    finally:
+        # No await here: a disconnect cancels this generator's scope, and each await would be cancelled
+        # again. Each pump, cancelled, closes its stream (which cancels the request on the server).
+        for task in tasks:
+            task.cancel()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="localhost:8001",
                         help="Triton server: host:port of gRPC, or http://host:port; several: a comma-separated "
@@ -418,6 +444,8 @@ def main(args: argparse.Namespace) -> int:
         import uvicorn
     except ModuleNotFoundError:
         raise BaylingError("the gateway needs uvicorn and starlette: pip install 'bayling-deploy[client]'") from None
+    if proto is None:
+        raise BaylingError("the gateway needs pydantic 2: pip install 'bayling-deploy[client]'")
     from bayling.client.library import parse_targets
 
     parse_targets(args.url, args.protocol)      # a bad URL is a one-line error, before listening

@@ -34,6 +34,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from bayling.errors import InvalidInput
 from bayling.params import NO_END_ID
 from bayling.model_repository import stepwise
@@ -70,15 +72,20 @@ class EngineRequest:
 
     @property
     def stepwise(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.embedding_bias is not None
-                    or self.return_generation_logits)
+        return bool(self.presence_penalty or self.frequency_penalty or self.embedding_bias is not None)
+
+    @property
+    def alone(self) -> bool:
+        """Runs in a CTranslate2 call of its own: seeded sampling, step-wise decoding, generation logits."""
+        return (self.random_seed is not None and not self.greedy) or self.stepwise or self.return_generation_logits
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a CTranslate2 call (its sampling options are per call)."""
         sampling = (1, 1.0, 1.0) if self.greedy else (self.top_k, self.top_p, self.temperature)
         seed = None if self.greedy else self.random_seed
         return (sampling, self.repetition_penalty, self.min_length, self.end_id,
-                tuple(tuple(w) for w in self.bad_words), self.return_log_probs, self.stepwise, seed)
+                tuple(tuple(w) for w in self.bad_words), self.return_log_probs, self.stepwise,
+                self.return_generation_logits, seed)
 
 
 @dataclass
@@ -275,8 +282,7 @@ class Ct2Engine:
                 self._pending.clear()
                 return []
             key = live[0].request.batch_key()
-            stepwise = live[0].request.stepwise
-            limit = 1 if key[-1] is not None or stepwise else self.max_batch_size  # a seeded sample runs alone
+            limit = 1 if live[0].request.alone else self.max_batch_size
             batch = [a for a in live if a.request.batch_key() == key][:limit]
             self._pending = deque(a for a in live if a not in batch)
             return batch
@@ -314,14 +320,19 @@ class Ct2Engine:
         key = first.batch_key()
         # min_length and repetition penalty count tokens since the start of a call: no restarts then
         can_join = (len(batch) < self.max_batch_size and first.min_length == 0 and first.repetition_penalty == 1.0
-                    and (first.greedy or first.random_seed is None))
+                    and not first.alone)
+        # Generation logits come with CTranslate2's result, after the call: such a request (alone in its
+        # call) answers once, at the end, so that its tokens keep the logits of the same decoding steps.
+        with_logits = first.return_generation_logits
+        finish = (lambda active: None) if with_logits else self._finish
         arrivals = self._arrivals
         newcomer_seen = 0.0    # when an arrival was first noticed (restarts wait for the rest of a burst)
         restart = False
         options = dict(max_length=max(a.request.max_new_tokens - len(a.generated) for a in batch),
                        include_prompt_in_result=False,
                        repetition_penalty=first.repetition_penalty, min_length=first.min_length,
-                       return_scores=first.return_log_probs)  # steps carry log probs only with scores on
+                       return_scores=first.return_log_probs,  # steps carry log probs only with scores on
+                       return_logits_vocab=with_logits)
         if first.greedy:
             options.update(sampling_topk=1)
         else:
@@ -356,22 +367,25 @@ class Ct2Engine:
                         return True
             request = active.request
             if request.end_id is not None and step.token_id == request.end_id:
-                self._finish(active)
+                finish(active)
                 return True
             active.generated.append(step.token_id)
             self.generated_tokens += 1
             active.log_probs.append(step.log_prob or 0.0)
             n = len(active.generated)
             if n >= request.max_new_tokens or step.is_last or active.cancelled or self._hit_stop_word(active):
-                self._finish(active)
+                finish(active)
                 return True
-            if request.streaming:
+            if request.streaming and not with_logits:
                 active.box.length = n
                 self.relay.wake(active.box)
             return False
 
-        generator.generate_batch([[vocab[t] for t in a.request.input_ids + a.generated] for a in batch],
-                                 callback=on_token, **options)
+        results = generator.generate_batch([[vocab[t] for t in a.request.input_ids + a.generated] for a in batch],
+                                           callback=on_token, **options)
+        if with_logits:
+            rows = np.asarray(results[0].logits[0]).reshape(-1, len(vocab))
+            batch[0].logits = list(rows[:len(batch[0].generated)])
         if restart:
             return True
         for active in batch:

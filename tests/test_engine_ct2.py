@@ -293,3 +293,15 @@ def test_prompts_of_different_lengths_in_one_batch_get_what_each_gets_alone(defa
     finally:
         engine.shutdown()
         del engine.generator
+
+
+def test_generation_logits_come_from_the_same_decoding_steps_as_the_tokens(engine, prompt_and_script):
+    import numpy as np
+
+    prompt, script = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt, streaming=True, return_generation_logits=True, return_log_probs=True), out)
+    out.wait()
+    assert out.tokens == script and len(out.emissions) == 1      # answered once, at the end
+    logits = out.emissions[0].logits
+    assert len(logits) == len(script) and [int(np.argmax(row)) for row in logits] == script

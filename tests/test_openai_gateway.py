@@ -116,14 +116,24 @@ def test_max_tokens_stop_and_system_are_mapped(oai):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),                  # without logprobs
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"five": 1}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),         # outside the vocabulary (the server says so)
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),        # the CPU engine refuses it, naming it
-    ({"frequency_penalty": -0.5}, "frequency_penalty"),
+    ({"presence_penalty": 2.1}, "presence_penalty"),        # OpenAI's ranges
+    ({"presence_penalty": -2.1}, "presence_penalty"),
+    ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"temperature": 2.1}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 1.1}, "top_p"),
     ({"max_tokens": -3}, "max_tokens"),
     ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
     ({"temperature": 500}, "temperature"),
@@ -132,6 +142,7 @@ def test_max_tokens_stop_and_system_are_mapped(oai):
     ({"stop": [""]}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
+    ({"extra_body": {"min_tokens": -1}}, "min_tokens"),
 ])
 def test_unsupported_or_invalid_parameters_answer_400_naming_them(oai, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -156,8 +167,12 @@ def test_bad_messages_answer_400(gateway, messages):
 
 def test_streamed_request_errors_are_400_before_streaming(gateway):
     response = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,
-                          json={"model": "m", "messages": QUESTION, "stream": True, "presence_penalty": 1.0})
+                          json={"model": "m", "messages": QUESTION, "stream": True, "presence_penalty": 2.5})
     assert response.status_code == 400 and response.json()["error"]["param"] == "presence_penalty"
+    response = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,      # an error from the server too
+                          json={"model": "m", "messages": QUESTION, "stream": True, "n": 2,
+                                "logit_bias": {"99999999": 1}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias"
     response = httpx.post(f"{gateway}/v1/chat/completions", content=b"{not json", timeout=30)
     assert response.status_code == 400 and "error" in response.json()
 
@@ -223,7 +238,7 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["param"] == param
     if param:
-        assert error["message"].startswith((f"{param}: ", f"{param}["))   # messages[3]: ...
+        assert error["message"].startswith((f"{param}: ", f"{param}[", f"{param}."))   # messages[3]: ...
     return error
 
 
@@ -294,3 +309,214 @@ def test_text_parts_must_hold_strings(gateway):
     messages = [{"role": "user", "content": [{"type": "text", "text": [["nested"]]}]}]
     response = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "m", "messages": messages}, timeout=60)
     assert_openai_error(response, 400, "messages")
+
+
+# --- OpenAI features: logprobs, top_logprobs, echo, n, best_of, logit_bias, penalties
+
+PROMPT = "The capital of France is"
+
+
+def streamed_chat_logprobs(oai, **kw):
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=QUESTION, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    return text, entries
+
+
+def test_chat_logprobs_and_top_logprobs_streamed_and_not(oai):
+    whole = oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True,
+                                        top_logprobs=3)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == whole.choices[0].message.content
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        ranked = [t.logprob for t in e.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+        assert e.top_logprobs[0].token == e.token          # greedy: the chosen token is the most likely one
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-4)
+    text, streamed = streamed_chat_logprobs(oai, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    assert text == whole.choices[0].message.content
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+    # logprobs without alternatives come from the batched path; the same numbers
+    plain = oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True)
+    assert [e.token for e in plain.choices[0].logprobs.content] == [e.token for e in entries]
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == pytest.approx([e.logprob for e in entries],
+                                                                                  abs=0.05)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4).choices[0].logprobs is None
+
+
+def test_completion_logprobs_and_echo(oai):
+    whole = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    lp = whole.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == whole.choices[0].text and lp.tokens[0] == " Paris"
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert all(len(top) == 2 and top[token] == pytest.approx(p, abs=1e-4)
+               for top, token, p in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
+    chunks = list(oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
+                                         stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    assert oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=0).choices[0].logprobs is None
+    echoed = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + whole.choices[0].text
+    chunks = list(oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + whole.choices[0].text
+
+
+def test_n_choices_are_sampled_independently_and_repeat_with_a_seed(oai):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Write a word."}], max_tokens=12, temperature=1.0,
+              n=4, seed=11)
+    first = oai.chat.completions.create(**kw)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    texts = [c.message.content for c in first.choices]
+    assert len(set(texts)) > 1, "n sequences must be sampled independently"
+    assert [c.message.content for c in oai.chat.completions.create(**kw).choices] == texts
+    chunks = list(oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    by_index = {}
+    for c in chunks:
+        for choice in c.choices:
+            by_index[choice.index] = by_index.get(choice.index, "") + (choice.delta.content or "")
+    assert [by_index[i] for i in range(4)] == texts
+    finals = [ch.index for c in chunks for ch in c.choices if ch.finish_reason]
+    assert sorted(finals) == [0, 1, 2, 3] and chunks[-1].usage == first.usage
+
+
+def test_completions_several_prompts_and_best_of(oai):
+    both = oai.completions.create(model=MODEL, prompt=[PROMPT, "One, two, three,"], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    alone = oai.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=4, temperature=0)
+    assert both.choices[0].text == both.choices[1].text != both.choices[2].text == alone.choices[0].text
+    best = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, best_of=3, seed=4)
+    candidates = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, n=3, seed=4,
+                                        logprobs=1)
+    mean = {c.text: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in candidates.choices}
+    assert len(best.choices) == 1 and best.choices[0].text == max(mean, key=mean.get)
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens == candidates.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=MODEL, prompt=PROMPT, n=2, best_of=1)
+    assert caught.value.body["param"] == "best_of"
+
+
+def test_logit_bias_forces_and_bans_tokens(oai, smol_tokenizer):
+    paris = smol_tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    plain = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
+    assert plain.choices[0].logprobs.tokens[0] == " Paris"
+    banned = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1,
+                                    logit_bias={str(paris): -100})
+    assert banned.choices[0].logprobs.tokens[0] != " Paris"
+    forced = smol_tokenizer.encode(" Lyon", add_special_tokens=False)[0]
+    chosen = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                    logit_bias={str(forced): 100})
+    assert chosen.choices[0].text.startswith(" Lyon" * 3)
+    # the log probs reported are the model's own, before the bias
+    lp = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1,
+                                logit_bias={str(forced): 100}).choices[0].logprobs
+    assert lp.tokens == [" Lyon"] and lp.token_logprobs[0] < -1
+
+
+def test_presence_and_frequency_penalties_change_a_repetitive_answer(oai):
+    ask = [{"role": "user", "content": "Repeat the word cat twenty times."}]
+    plain = oai.chat.completions.create(model=MODEL, messages=ask, max_tokens=40, temperature=0)
+    penalised = oai.chat.completions.create(model=MODEL, messages=ask, max_tokens=40, temperature=0,
+                                            presence_penalty=2, frequency_penalty=2)
+    assert plain.choices[0].message.content.lower().count("cat") > penalised.choices[0].message.content.lower().count("cat")
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=40, temperature=0, presence_penalty=2, frequency_penalty=2, stream=True)
+        if c.choices)
+    assert streamed == penalised.choices[0].message.content
+    negative = oai.chat.completions.create(model=MODEL, messages=ask, max_tokens=40, temperature=0,
+                                           frequency_penalty=-2)
+    assert negative.choices[0].message.content != penalised.choices[0].message.content
+
+
+def test_a_validation_error_names_the_field_path(gateway):
+    body = {"model": "m", "messages": QUESTION, "stream": True, "stream_options": {"include_usage": "yes"}}
+    response = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=30)
+    assert assert_openai_error(response, 400, "stream_options")["message"].startswith("stream_options.include_usage: ")
+    response = httpx.post(f"{gateway}/v1/completions", json={"model": "m", "prompt": PROMPT, "logprobs": 6}, timeout=30)
+    assert "less than or equal to 5" in assert_openai_error(response, 400, "logprobs")["message"]
+    response = httpx.post(f"{gateway}/v1/completions", json={"model": "m", "prompt": [1, 2]}, timeout=30)
+    assert_openai_error(response, 400, "prompt")
+    response = httpx.post(f"{gateway}/v1/completions", json={"model": "m"}, timeout=30)
+    assert assert_openai_error(response, 400, "prompt")["code"] == "missing_required_parameter"
+
+
+# --- the same options on the `bayling` model, with tritonclient
+
+def test_the_bayling_model_answers_with_token_logprobs(default_server):
+    from tests.triton_helpers import chat, final_value, grpc_stream, http_generate
+
+    result = grpc_stream(default_server.grpc, chat("What is the capital of France?", max_tokens=8, temperature=0.0,
+                                                   logprobs=True, top_logprobs=2))
+    assert result.error is None
+    entries = json.loads(final_value(result, "token_logprobs"))
+    assert len(entries) == final_value(result, "completion_tokens") > 3
+    assert "".join(e["token"] for e in entries) == result.text
+    assert all(set(e) == {"token", "logprob", "bytes", "top_logprobs"} and len(e["top_logprobs"]) == 2
+               for e in entries)
+    plain = grpc_stream(default_server.grpc, chat("What is the capital of France?", max_tokens=8, temperature=0.0))
+    assert plain.text == result.text and "token_logprobs" not in plain.final
+    status, events = http_generate(default_server.http, chat("What is the capital of France?", max_tokens=8,
+                                                             temperature=0.0, logprobs=True, stream=True),
+                                   stream=True)
+    assert status == 200
+    streamed = [e for event in events if event.get("token_logprobs") for e in json.loads(event["token_logprobs"])]
+    assert [e["token"] for e in streamed] == [e["token"] for e in entries]
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logit_bias": '{"99999999": 1}'}, "logit_bias"),
+    ({"logit_bias": "not json"}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+])
+def test_the_bayling_model_refuses_bad_options_naming_them(default_server, values, field):
+    from tests.triton_helpers import chat, grpc_stream
+
+    result = grpc_stream(default_server.grpc, chat("hi", max_tokens=4, **values))
+    assert result.error is not None and "INVALID_ARGUMENT" in str(result.error.status())
+    assert result.error.message().startswith(f"{field}: ")
+    assert grpc_stream(default_server.grpc, chat("hi", max_tokens=2)).error is None   # it keeps serving
+
+
+def test_the_engine_model_takes_nvidia_s_bias_and_penalty_tensors(default_server, smol_tokenizer):
+    """tensorrt_llm with NVIDIA's names: embedding_bias (vocab-sized FP32) and the OpenAI penalties on CPU."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    ids = smol_tokenizer.encode(PROMPT, add_special_tokens=False)
+    lyon = smol_tokenizer.encode(" Lyon", add_special_tokens=False)[0]
+    bias = np.zeros((1, len(smol_tokenizer)), np.float32)
+    bias[0, lyon] = 100.0
+    values = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+              "request_output_len": np.array([[3]], np.int32), "runtime_top_k": np.array([[1]], np.int32),
+              "embedding_bias": bias, "presence_penalty": np.array([[0.5]], np.float32),
+              "return_generation_logits": np.array([[True]]), "return_log_probs": np.array([[True]])}
+    client = grpcclient.InferenceServerClient(default_server.grpc)
+    answers: list = []
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    inputs = []
+    for name, array in values.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "BOOL" if array.dtype == bool else
+                                       {np.int32: "INT32", np.float32: "FP32"}[array.dtype.type])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client.async_stream_infer("tensorrt_llm", inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in (
+        "output_ids", "output_log_probs", "generation_logits")])
+    wait_until(lambda: answers, 60, "the engine's answer")
+    client.stop_stream()
+    client.close()
+    result, error = answers[0]
+    assert error is None
+    assert result.as_numpy("output_ids").reshape(-1).tolist() == [lyon] * 3
+    logits = result.as_numpy("generation_logits")
+    assert logits.shape == (1, 1, 3, len(smol_tokenizer))
+    assert result.as_numpy("output_log_probs").shape == (1, 1, 3)
