@@ -29,7 +29,8 @@ PROMPT = "[bold green]You[/]> "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="localhost:8001",
-                        help="server: host:port of gRPC (default localhost:8001), or http://host:port")
+                        help="server: host:port of gRPC (default localhost:8001), or http://host:port; several: "
+                             "a comma-separated list, or dns:///NAME:PORT (balanced per request)")
     parser.add_argument("--protocol", choices=("grpc", "http"), help="default: from the URL (grpc without a scheme)")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--temperature", type=float, help="default: the model's (0.7 for BayLing; 0 is greedy)")

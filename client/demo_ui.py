@@ -24,7 +24,9 @@ APP = Path(__file__).with_name("streamlit_app.py")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="localhost:8001", help="server: host:port of gRPC, or http://host:port")
+    parser.add_argument("--url", default="localhost:8001",
+                        help="server: host:port of gRPC, or http://host:port; several: a comma-separated list, "
+                             "or dns:///NAME:PORT (balanced per request)")
     parser.add_argument("--protocol", choices=("grpc", "http"))
     parser.add_argument("--port", type=int, default=8501, help="port of the page (default 8501)")
     parser.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

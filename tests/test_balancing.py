@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bayling.client import BayLingClient, BayLingServerError
+from bayling.client import AsyncBayLingClient, BayLingClient, BayLingServerError
 from bayling.client.library import MAX_DOWN_S
 from bayling.model_repository.server import free_port
 from tests.client_helpers import bayling_process, http_ok, metric, settled, stop_process, wait_until
@@ -80,7 +79,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGTERM)          # bayling serve stops tritonserver cleanly
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -148,68 +147,86 @@ def test_the_openai_gateway_spreads_requests_over_all_servers(servers):
         stop_process(gateway)
 
 
-def test_a_killed_server_costs_only_its_in_flight_requests_and_a_restarted_one_takes_traffic_again(servers):
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def test_a_killed_server_costs_only_its_started_streams_and_a_restarted_one_takes_traffic_again(servers):
+    """Long streams on both servers, then SIGKILL of one's tritonserver: its streams that had started
+    fail at once as UNAVAILABLE (their text cannot go on elsewhere), its requests still waiting for a
+    first response move to the survivor, the survivor's streams go on; new requests all go to the
+    survivor; restarted on the same ports, it gets half again. Each server's load is read from its own
+    gauges (the CPU engine's, which the endpoint picker balances on). The asyncio client: a stream can
+    be cancelled from outside, whether it streams or waits."""
     survivor, victim = servers
-    client = BayLingClient(",".join(s.grpc_url for s in servers), retries=3, backoff=0.2)
-    long = dict(max_tokens=2000, min_length=2000, temperature=0.0)     # still running when we look
-    streams = [client.stream_chat(f"Tell me a long story about the number {i}.", **long) for i in range(8)]
-    pieces = [0] * len(streams)
-    started = [threading.Event() for _ in streams]
-    errors: dict[int, BayLingServerError] = {}
-    enough = threading.Event()
+    gauge = lambda s, name: metric(s.metrics_url, name)  # noqa: E731
 
-    def drain(i: int) -> None:
+    async def scenario():
+        client = AsyncBayLingClient(",".join(s.grpc_url for s in servers), retries=3, backoff=0.2)
+        pieces = [0] * 8
+        errors: dict[int, BayLingServerError] = {}
+
+        async def drain(i: int) -> None:
+            try:
+                async with client.stream_chat(f"Tell me a long story about the number {i}.", max_tokens=2000,
+                                              min_length=2000, temperature=0.0) as stream:
+                    async for _ in stream:
+                        pieces[i] += 1
+            except BayLingServerError as exc:
+                errors[i] = exc
+
+        tasks = [asyncio.create_task(drain(i)) for i in range(len(pieces))]
         try:
-            with streams[i]:                                      # leaving it cancels on the server
-                for _ in streams[i]:
-                    pieces[i] += 1
-                    started[i].set()
-                    if enough.is_set():
-                        break
-        except BayLingServerError as exc:
-            errors[i] = exc
+            # 4 on each server (the fewest in flight), all in its engine, some generating
+            await wait_for(lambda: [gauge(s, "bayling_requests_in_flight") for s in servers] == [4, 4], 120,
+                           "4 requests on each server")
+            await wait_for(lambda: all(gauge(s, "bayling_engine_waiting_requests")
+                                       + gauge(s, "bayling_engine_running_requests") == 4 for s in servers), 60,
+                           "the engines to hold the 4 requests each")
+            await wait_for(lambda: all(gauge(s, "bayling_engine_running_requests") >= 1 for s in servers)
+                           and sum(map(bool, pieces)) >= 2, 120, "streaming on both servers")
+            assert all(gauge(s, "bayling_engine_kv_cache_utilization") > 0 for s in servers)
+            assert all(0 < gauge(s, "bayling_engine_batch_occupancy") <= 1 for s in servers)
+            victim.kill()
+            at_kill = list(pieces)
+            await wait_for(lambda: len(errors) >= 1, 30, "the victim's streams to fail")
+            await asyncio.sleep(3)
+            # only started streams failed, as UNAVAILABLE; every other request is now on the survivor
+            assert 1 <= len(errors) <= 4, {i: str(e) for i, e in errors.items()}
+            assert all(e.status == "UNAVAILABLE" for e in errors.values()), [str(e) for e in errors.values()]
+            assert all(at_kill[i] > 0 for i in errors)
+            alive = [i for i in range(len(pieces)) if i not in errors]
+            assert not any(tasks[i].done() for i in alive)
+            await wait_for(lambda: gauge(survivor, "bayling_requests_in_flight") == len(alive), 30,
+                           "the moved requests on the survivor")
+            streaming = [i for i in alive if at_kill[i]]
+            await wait_for(lambda: all(pieces[i] > at_kill[i] for i in streaming), 60, "the survivor's streams")
+            for i in alive:
+                tasks[i].cancel()                                 # cancels them on the survivor
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await wait_for(lambda: gauge(survivor, "bayling_requests_in_flight") == 0, 60, "the cancelled streams")
+
+            # new requests all go to the survivor, none fails (the dead address is skipped, or retried elsewhere)
+            before = await asyncio.to_thread(survivor.successes)
+            answers = await asyncio.gather(*(client.chat(f"Say the number {i}.", **SHORT) for i in range(16)))
+            assert all(a.completion_tokens for a in answers)
+            assert await asyncio.to_thread(survivor.successes) - before == 16
+
+            # the same ports again: the restarted server gets its share once it is ready
+            victim.start()
+            await wait_for(victim.ready, 300, "the restarted server")
+            await asyncio.sleep(MAX_DOWN_S + 0.5)                 # past the longest skip of a failed address
+            before = [await asyncio.to_thread(s.successes) for s in servers]
+            await asyncio.gather(*(client.chat(f"Say the number {i}.", **SHORT) for i in range(REQUESTS)))
+            assert_even(await asyncio.to_thread(shares, servers, before), REQUESTS)
         finally:
-            started[i].set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
 
-    pool = ThreadPoolExecutor(len(streams))
-    try:
-        drained = [pool.submit(drain, i) for i in range(len(streams))]
-        # 4 on each server (the fewest in flight); kill once most are streaming (a late one may wait
-        # for a batch: it is in flight all the same)
-        wait_until(lambda: sum(e.is_set() for e in started) >= 6, 120, "the streams to start")
-        assert not errors
-        victim.kill()
-        at_kill = list(pieces)
-        # the victim's streams fail cleanly (UNAVAILABLE, at once); the survivor's go on streaming
-        wait_until(lambda: len(errors) >= len(streams) // 2, 30, "the victim's streams to fail")
-        time.sleep(3)
-        assert len(errors) == len(streams) // 2, {i: str(e) for i, e in errors.items()}
-        assert all(e.status == "UNAVAILABLE" for e in errors.values()), [str(e) for e in errors.values()]
-        alive = [i for i in range(len(streams)) if i not in errors]
-        assert all(pieces[i] > at_kill[i] for i in alive if at_kill[i]), "a survivor's stream stalled"
-        assert not any(drained[i].done() for i in alive)
-
-        enough.set()                                              # the survivor's streams are cancelled
-        for f in drained:
-            f.result(timeout=180)
-        assert len(errors) == len(streams) // 2
-
-        # new requests all go to the survivor, none fails (the dead address is skipped, or retried elsewhere)
-        before = survivor.successes()
-        with ThreadPoolExecutor(16) as many:
-            answers = list(many.map(lambda i: client.chat(f"Say the number {i}.", **SHORT), range(16)))
-        assert all(a.completion_tokens for a in answers)
-        assert survivor.successes() - before == 16
-
-        # the same ports again: the restarted server gets its share once it is ready
-        victim.start()
-        wait_until(victim.ready, 300, "the restarted server", interval=1)
-        time.sleep(MAX_DOWN_S + 0.5)                              # past the longest skip of a failed address
-        before = [s.successes() for s in servers]
-        with ThreadPoolExecutor(REQUESTS) as many:
-            list(many.map(lambda i: client.chat(f"Say the number {i}.", **SHORT), range(REQUESTS)))
-        assert_even(shares(servers, before), REQUESTS)
-    finally:
-        enough.set()
-        pool.shutdown(wait=True)
-        client.close()
+    asyncio.run(scenario())

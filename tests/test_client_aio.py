@@ -123,3 +123,24 @@ def test_unreachable_server_and_retries(protocol):
             assert time.monotonic() - started >= 0.6                   # 0.2 + 0.4 s of backoff
 
     run(main())
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_several_servers_a_dead_one_is_skipped_and_a_dns_name_resolves(default_server, protocol):
+    live = default_server.grpc if protocol == "grpc" else default_server.http
+    dead = f"127.0.0.1:{free_port()}"
+    urls = [dead, live] if protocol == "grpc" else [f"http://{dead}", f"http://{live}"]
+
+    async def main():
+        async with AsyncBayLingClient(",".join(urls), retries=0) as client:
+            assert await client.health() is True
+            answers = await asyncio.gather(*(client.chat(FRANCE, max_tokens=16, **GREEDY) for _ in range(4)))
+            assert all("Paris" in a.text for a in answers)
+            async with client.stream_chat(FRANCE, max_tokens=16, **GREEDY) as stream:
+                assert "Paris" in "".join([piece async for piece in stream])
+        port = live.rpartition(":")[2]
+        async with AsyncBayLingClient(f"dns:///localhost:{port}", protocol, retries=0) as client:
+            assert f"127.0.0.1:{port}" in await client.servers()
+            assert "Paris" in (await client.chat(FRANCE, max_tokens=16, **GREEDY)).text
+
+    run(main())

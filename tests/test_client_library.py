@@ -187,3 +187,108 @@ def test_urls():
     for url, protocol in [("https://h", None), ("http://h:1", "grpc"), ("h:1", "websocket")]:
         with pytest.raises(BaylingError):
             parse_url(url, protocol)
+
+
+# --- several servers ---------------------------------------------------------------------------------------------
+def test_several_servers_are_a_list_or_a_dns_name():
+    from bayling.client.library import parse_targets
+
+    assert parse_targets("localhost:8001", None).addresses == ("localhost:8001",)
+    listed = parse_targets("10.0.0.5:8001, 10.0.0.6:8001,10.0.0.5:8001", None)
+    assert (listed.protocol, listed.addresses) == ("grpc", ("10.0.0.5:8001", "10.0.0.6:8001"))
+    http = parse_targets("http://a:8000,http://b:8000", None)
+    assert (http.protocol, http.addresses, str(http)) == ("http", ("a:8000", "b:8000"), "a:8000,b:8000")
+    dns = parse_targets("dns:///bayling-headless.llm.svc:8001", None)
+    assert (dns.protocol, dns.dns_name, dns.dns_port, str(dns)) == \
+           ("grpc", "bayling-headless.llm.svc", 8001, "dns:///bayling-headless.llm.svc:8001")
+    assert parse_targets("dns:///svc:8000", "http").protocol == "http"
+    for url, protocol in [("a:1,http://b:2", None), ("a:1,,b:2", None), ("a:1,b", None), ("dns:///svc", None),
+                          ("dns:///a:1,b:2", None), ("a:1,b:99999", None), ("grpc://a:1,b:2", "http")]:
+        with pytest.raises(BaylingError):
+            parse_targets(url, protocol)
+    with pytest.raises(BaylingError, match="balance"):
+        BayLingClient("a:1,b:2", balance="random")
+
+
+def test_the_balancer_picks_the_fewest_in_flight_in_turn_and_skips_a_failed_address_for_a_while():
+    from bayling.client.library import DOWN_S, MAX_DOWN_S, Balancer
+
+    def balancer(policy="least_requests", addresses=("a", "b", "c")):
+        made = []
+        b = Balancer(policy)
+        b.update(list(addresses), lambda address: made.append(address) or address)
+        assert made == list(addresses)                             # one transport per address
+        return b
+
+    least = balancer()
+    assert [least.pick(now=0).address for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    a, b, c = least.endpoints
+    least.finished(a)
+    least.finished(a)                                             # in flight: a 0, b 2, c 2
+    assert [least.pick(now=0).address for _ in range(3)] == ["a", "a", "b"]   # then a 2, b 3, c 2: ties in turn
+
+    # UNAVAILABLE: skipped for DOWN_S, doubling up to MAX_DOWN_S; a success clears it
+    down = balancer()
+    a, b, c = down.endpoints
+    down.failed(a, now=10)
+    assert a.down_until == 10 + DOWN_S
+    assert {down.pick(now=10).address for _ in range(4)} == {"b", "c"}
+    assert down.pick(now=10 + DOWN_S).address == "a"             # fewest in flight once it is back
+    for _ in range(10):
+        down.failed(a, now=20)
+    assert a.down_until == 20 + MAX_DOWN_S
+    down.succeeded(a)
+    assert (a.failures, a.down_until) == (0, 0.0)
+    # every address down: the one down the longest is tried; all tried: None
+    for endpoint, t in ((a, 30), (b, 31), (c, 32)):
+        down.failed(endpoint, now=t)
+    assert down.pick(now=32).address == "a"
+    assert down.pick(tried=[a], now=32).address == "b"
+    assert down.pick(tried=[a, b, c], now=32) is None
+
+    # a dropped address keeps its requests and is closed once idle; kept ones keep their state
+    moving = balancer()
+    a, b, c = moving.endpoints
+    for _ in range(3):
+        moving.pick(now=0)                                        # one on each
+    moving.finished(c)
+    idle = moving.update(["b", "d"], lambda address: address)
+    assert idle == [c] and [e.address for e in moving.endpoints] == ["b", "d"] and b.in_flight == 1
+    assert a.removed and moving.finished(a) is True               # its last request ended: close it
+    assert moving.finished(b) is False
+
+    rr = balancer("round_robin", ("a", "b"))
+    first = rr.pick(now=0)
+    assert first.address == "a"
+    assert [rr.pick(now=0).address for _ in range(4)] == ["b", "a", "b", "a"]   # in turn, whatever is in flight
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_dead_address_in_the_list_costs_nothing_requests_move_to_the_live_server(default_server, protocol):
+    live = default_server.grpc if protocol == "grpc" else default_server.http
+    dead = f"127.0.0.1:{free_port()}"
+    urls = [dead, live] if protocol == "grpc" else [f"http://{dead}", f"http://{live}"]
+    with BayLingClient(",".join(urls), retries=0) as client:
+        assert client.health() is True                             # one ready server is enough
+        assert client.model_info().engine == "ctranslate2"
+        for _ in range(4):                                         # streamed ones too: refused before any response
+            assert "Paris" in client.chat(FRANCE, max_tokens=16, **GREEDY).text
+            assert "Paris" in "".join(client.stream_chat(FRANCE, max_tokens=16, **GREEDY))
+    with BayLingClient(",".join([dead, f"127.0.0.1:{free_port()}"]), protocol, retries=0) as client:
+        assert client.health() is False
+        with pytest.raises(BayLingServerError) as caught:
+            client.chat(FRANCE, max_tokens=4)
+        assert caught.value.status == "UNAVAILABLE"
+
+
+def test_a_dns_name_stands_for_every_address_it_resolves_to(default_server):
+    port = default_server.grpc.rpartition(":")[2]
+    with BayLingClient(f"dns:///localhost:{port}", retries=0) as client:
+        servers = client.servers()
+        assert f"127.0.0.1:{port}" in servers                     # ::1 too where localhost has it (then refused: skipped)
+        answers = [client.chat(FRANCE, max_tokens=16, **GREEDY).text for _ in range(3)]
+        assert all("Paris" in a for a in answers)
+    with BayLingClient("dns:///no-such-host.invalid:8001", retries=0) as nowhere:
+        with pytest.raises(BayLingServerError) as caught:
+            nowhere.chat(FRANCE, max_tokens=4)
+        assert caught.value.status == "UNAVAILABLE" and "no-such-host.invalid" in str(caught.value)
