@@ -125,6 +125,18 @@ def sampling_kwargs(request: EngineRequest, default_end_id: int) -> dict[str, An
             kw["seed"] = int(request.random_seed)
     if request.repetition_penalty != 1.0:
         kw["repetition_penalty"] = request.repetition_penalty
+    for name in ("presence_penalty", "frequency_penalty"):     # documented SamplingParams fields too
+        if getattr(request, name, 0.0):
+            kw[name] = getattr(request, name)
+    if getattr(request, "beam_width", 1) != 1:
+        raise InvalidInput("beam_width", "the LLM API engine samples one sequence per request; use 1")
+    if getattr(request, "length_penalty", 1.0) != 1.0:
+        raise InvalidInput("len_penalty", "applies to beam search, which the LLM API engine does not run")
+    bias = getattr(request, "embedding_bias", None)
+    if bias is not None and bias.size and bias.any():
+        raise InvalidInput("embedding_bias", "is not supported by the LLM API engine")
+    if getattr(request, "return_generation_logits", False):
+        raise InvalidInput("return_generation_logits", "generation logits are not available from the LLM API engine")
     if request.min_length:
         kw["min_tokens"] = request.min_length
     if request.bad_words:
@@ -183,6 +195,7 @@ class LlmApiEngine:
         # backend reports as nv_trt_llm_request_metrics active / scheduled. Changed on the loop thread only.
         self.active = 0
         self.scheduled = 0
+        self.kv_tokens = 0            # prompt + generated tokens of the requests in the engine (their KV cache)
         self._by_id: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self.relay = Relay(poll_s=cancel_poll_s, name="llmapi-relay")
@@ -255,6 +268,7 @@ class LlmApiEngine:
     async def _generate(self, active: _Active, params) -> None:
         request = active.request
         self.active += 1
+        self.kv_tokens += len(request.input_ids)
         try:
             active.result = self.llm.generate_async({"prompt_token_ids": list(request.input_ids)}, params,
                                                     streaming=True)
@@ -291,6 +305,7 @@ class LlmApiEngine:
                 break
         n = len(active.generated)
         self.generated_tokens += n - start
+        self.kv_tokens += n - start
         if not active.started:
             active.started = True
             self.scheduled += 1
@@ -335,6 +350,7 @@ class LlmApiEngine:
             return
         self.active -= 1
         self.scheduled -= active.started
+        self.kv_tokens -= len(active.request.input_ids) + len(active.generated)
         active.error = error
         active.done = True
         active.box.length = len(active.generated)

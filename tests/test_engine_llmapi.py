@@ -248,6 +248,15 @@ def test_requests_become_documented_sampling_params():
     sampled = sampling_kwargs(cases[3], 2)
     assert (sampled["temperature"], sampled["top_k"], sampled["top_p"], sampled["seed"]) == (0.7, 40, 0.9, 7)
     assert sampled["repetition_penalty"] == 1.2 and sampled["logprobs"] == 1
+    penalised = EngineRequest("", [5], 8, presence_penalty=0.5, frequency_penalty=-0.25)
+    assert {k: sampling_kwargs(penalised, 2)[k] for k in ("presence_penalty", "frequency_penalty")} == \
+        {"presence_penalty": 0.5, "frequency_penalty": -0.25}
+    for attribute, value, field in (("beam_width", 2, "beam_width"), ("length_penalty", 0.5, "len_penalty"),
+                                    ("return_generation_logits", True, "return_generation_logits")):
+        refused = EngineRequest("", [5], 8)
+        setattr(refused, attribute, value)          # what engine_io.engine_request reads from those tensors
+        with pytest.raises(InvalidInput, match=field):
+            sampling_kwargs(refused, 2)
     # top_p 0 (greedy in TensorRT-LLM's backend tensors) is never passed: the LLM API refuses it
     assert "top_p" not in sampling_kwargs(EngineRequest("", [5], 8, top_k=0, top_p=0.0), 2)
 
@@ -333,13 +342,13 @@ def test_active_and_scheduled_requests_are_counted_as_the_cpp_backend_reports_th
     deadline = time.monotonic() + 10
     while engine.scheduled < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.active >= 1 and engine.scheduled >= 1
+    assert engine.active >= 1 and engine.scheduled >= 1 and engine.kv_tokens >= len(prompt) + 1
     first.set()
     out.wait()
     deadline = time.monotonic() + 10
-    while (engine.active, engine.scheduled) != (0, 0) and time.monotonic() < deadline:
+    while (engine.active, engine.scheduled, engine.kv_tokens) != (0, 0, 0) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert (engine.active, engine.scheduled) == (0, 0)
+    assert (engine.active, engine.scheduled, engine.kv_tokens) == (0, 0, 0)
 
 
 def test_a_slow_client_gets_the_tokens_made_meanwhile_in_one_response(engine, prompt_and_script):
@@ -466,7 +475,11 @@ def test_the_llmapi_model_exports_the_request_gauge_the_chart_scales_on(llmapi_s
         time.sleep(0.5)
     assert 'nv_trt_llm_request_metrics{request_type="max"}' in text, text[:2000]
     assert metric(llmapi_server.metrics_url, 'nv_trt_llm_request_metrics{request_type="max"}') == expected
-    assert metric(llmapi_server.metrics_url, 'nv_trt_llm_request_metrics{request_type="active"}') == 0
+    for kind in ("active", "scheduled", "waiting"):       # idle: what the chart's autoscaling reads is 0
+        assert metric(llmapi_server.metrics_url, f'nv_trt_llm_request_metrics{{request_type="{kind}"}}') == 0
+    assert 'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0' in text
+    assert metric(llmapi_server.metrics_url, "bayling_engine_generated_tokens_total") > 0   # the earlier tests'
+
 
 
 def test_bad_input_to_the_llmapi_model_is_invalid_argument_and_it_keeps_serving(llmapi_server):
