@@ -80,6 +80,7 @@ class _Member:
     ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     cum_log_prob: float = 0.0     # over every response so far: TensorRT-LLM's cum_log_probs when streaming
+    beams: list | None = None     # beam search: (ids, log probs) per beam, best first
     done: bool = False
 
 
@@ -116,7 +117,7 @@ class Group:
                 return
             outputs = engine_outputs(emission, member.prefix_ids, self.requested)
             member.prefix_ids = []     # the input ids lead only the first response
-            if "cum_log_probs" in outputs:
+            if "cum_log_probs" in outputs and not emission.beams:
                 member.cum_log_prob += sum(emission.log_probs)
                 outputs["cum_log_probs"] = np.array([[member.cum_log_prob]], dtype=np.float32)
             self._indices(outputs, [member])
@@ -124,6 +125,8 @@ class Group:
             return
         member.ids.extend(emission.token_ids)
         member.log_probs.extend(emission.log_probs)
+        if emission.beams:
+            member.beams = emission.beams
         if last:
             self.send(self.error if self.error is not None else self._unary(), True)
 
@@ -138,9 +141,13 @@ class Group:
 
     def _unary(self) -> dict[str, np.ndarray]:
         batch = max(m.batch_index for m in self.members) + 1
-        width = max(m.sequence_index for m in self.members) + 1
+        # a row per sequence, or per beam of a beam search
         # output_log_probs cover the generated tokens only, as TensorRT-LLM's (also when the input is returned)
-        rows = {(m.batch_index, m.sequence_index): (m.prefix_ids + m.ids, m.log_probs) for m in self.members}
+        rows = {}
+        for m in self.members:
+            for beam, (ids, probs) in enumerate(m.beams or [(m.ids, m.log_probs)]):
+                rows[(m.batch_index, m.sequence_index + beam)] = (m.prefix_ids + list(ids), list(probs))
+        width = max(s for _, s in rows) + 1
         longest = max(len(ids) for ids, _ in rows.values())
         generated = max(len(probs) for _, probs in rows.values())
         output_ids = np.full((batch, width, longest), self.pad_id, dtype=np.int32)

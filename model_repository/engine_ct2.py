@@ -38,7 +38,7 @@ import numpy as np
 
 from bayling.errors import InvalidInput
 from bayling.params import NO_END_ID
-from bayling.model_repository import stepwise
+from bayling.model_repository import engine_beam, stepwise
 from bayling.model_repository.relay import Outbox, Relay
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class EngineRequest:
     frequency_penalty: float = 0.0
     embedding_bias: "np.ndarray | None" = None   # [vocab] float32, added to the logits
     return_generation_logits: bool = False
+    beam_width: int = 1          # above 1: CTranslate2 beam search (engine_beam.py), answered at the end
+    length_penalty: float = 1.0  # beam search only
 
     @property
     def greedy(self) -> bool:
@@ -77,7 +79,8 @@ class EngineRequest:
     @property
     def alone(self) -> bool:
         """Runs in a CTranslate2 call of its own: seeded sampling, step-wise decoding, generation logits."""
-        return (self.random_seed is not None and not self.greedy) or self.stepwise or self.return_generation_logits
+        return ((self.random_seed is not None and not self.greedy) or self.stepwise or self.return_generation_logits
+                or self.beam_width > 1)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a CTranslate2 call (its sampling options are per call)."""
@@ -85,7 +88,7 @@ class EngineRequest:
         seed = None if self.greedy else self.random_seed
         return (sampling, self.repetition_penalty, self.min_length, self.end_id,
                 tuple(tuple(w) for w in self.bad_words), self.return_log_probs, self.stepwise,
-                self.return_generation_logits, seed)
+                self.return_generation_logits, seed, self.beam_width, self.length_penalty)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Emission:
     final: bool
     error: Exception | None = None
     logits: list | None = None       # generation logits, one [vocab] array per token (when asked)
+    beams: list | None = None        # beam search: (token ids, log probs) per beam, best first (final only)
 
 
 Sink = Callable[[Emission], None]
@@ -128,6 +132,7 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     logits: list = field(default_factory=list)      # only for return_generation_logits
+    beams: list | None = None                       # beam search: (ids, log probs) per beam
     error: Exception | None = None
     done: bool = False
     stop_requested: bool = False
@@ -313,6 +318,9 @@ class Ct2Engine:
         if first.stepwise:       # alone, with its own seeded sampler (stepwise.py)
             stepwise.run(self, batch[0])
             return False
+        if first.beam_width > 1:
+            engine_beam.run(self, batch[0])
+            return False
         if first.random_seed is not None and not first.greedy:
             self._reseed(int(first.random_seed))
         generator = self.generator
@@ -409,7 +417,8 @@ class Ct2Engine:
                 if not final:
                     return
             active.sink(Emission(active.generated[start:end], active.log_probs[start:end], final,
-                                 active.error if final else None, active.logits[start:end] or None))
+                                 active.error if final else None, active.logits[start:end] or None,
+                                 active.beams if final else None))
         except Exception:  # typically the client went away: stop generating for it (the relay closes it)
             active.done = True
             raise

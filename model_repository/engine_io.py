@@ -7,6 +7,7 @@ import numpy as np
 
 from bayling.errors import InvalidInput
 from bayling.tokenization import parse_word_list
+from bayling.model_repository.engine_beam import MAX_BEAM_WIDTH
 from bayling.model_repository.engine_ct2 import EngineRequest, Emission
 from bayling.model_repository.triton_io import scalar
 
@@ -28,8 +29,11 @@ def engine_request(inputs: dict[str, np.ndarray], request_id: str, exclude_input
     length = scalar(inputs, "input_lengths", len(ids))
     if not 0 < length <= len(ids):
         raise InvalidInput("input_lengths", f"must be between 1 and the {len(ids)} ids given, got {length}")
-    if scalar(inputs, "beam_width", 1) != 1:
-        raise InvalidInput("beam_width", "the CPU engine does not do beam search; use 1")
+    beam_width = int(scalar(inputs, "beam_width", 1) or 1)
+    if not 1 <= beam_width <= MAX_BEAM_WIDTH:
+        raise InvalidInput("beam_width", f"must be between 1 and {MAX_BEAM_WIDTH} on the CPU engine, got {beam_width}")
+    if beam_width > 1 and scalar(inputs, "streaming", False):
+        raise InvalidInput("streaming", "the CPU engine's beam search answers at the end; stream with beam_width 1")
     for name, what in UNSUPPORTED_ON_CPU.items():
         if scalar(inputs, name, False):
             raise InvalidInput(name, f"{what} are not available from the CPU engine")
@@ -58,6 +62,8 @@ def engine_request(inputs: dict[str, np.ndarray], request_id: str, exclude_input
         random_seed=scalar(inputs, "random_seed"),
         streaming=streaming,
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
+        beam_width=beam_width,
+        length_penalty=float(scalar(inputs, "len_penalty", 1.0)),
         presence_penalty=float(scalar(inputs, "presence_penalty", 0.0)),
         frequency_penalty=float(scalar(inputs, "frequency_penalty", 0.0)),
         embedding_bias=bias,
@@ -77,6 +83,8 @@ def engine_outputs(emission: Emission, prefix_ids: list[int] = (), requested: fr
                    ) -> dict[str, np.ndarray]:
     """output_ids [1, beam=1, n], sequence_length [1, 1], and the log probs, as TensorRT-LLM shapes them;
     only the `requested` ones (None: all)."""
+    if emission.beams:
+        return _beam_outputs(emission.beams, list(prefix_ids), requested)
     ids = [*prefix_ids, *emission.token_ids]
     outputs = {"output_ids": np.array(ids, dtype=np.int32).reshape(1, 1, len(ids)),
                "sequence_length": np.array([[len(ids)]], dtype=np.int32)}
@@ -87,4 +95,20 @@ def engine_outputs(emission: Emission, prefix_ids: list[int] = (), requested: fr
         outputs["output_log_probs"] = np.array(probs, dtype=np.float32).reshape(1, 1, len(probs))
     if emission.logits and (requested is None or "generation_logits" in requested):
         outputs["generation_logits"] = np.stack(emission.logits).astype(np.float32)[None, None]   # [1, beam, n, vocab]
+    return {k: v for k, v in outputs.items() if requested is None or k in requested}
+
+
+def _beam_outputs(beams: list, prefix_ids: list[int], requested: frozenset[str] | None) -> dict[str, np.ndarray]:
+    """Every beam, best first: output_ids [1, beam, n] (padded with 0), sequence_length [1, beam], the
+    log probs of the generated tokens [1, beam, n] and their sums [1, beam]."""
+    rows = [prefix_ids + list(ids) for ids, _ in beams]
+    n, width = max(len(r) for r in rows), len(beams)
+    generated = max(len(ids) for ids, _ in beams)
+    output_ids = np.zeros((1, width, n), dtype=np.int32)
+    log_probs = np.zeros((1, width, generated), dtype=np.float32)
+    for b, (row, (_, probs)) in enumerate(zip(rows, beams)):
+        output_ids[0, b, :len(row)] = row
+        log_probs[0, b, :len(probs)] = probs
+    outputs = {"output_ids": output_ids, "sequence_length": np.array([[len(r) for r in rows]], dtype=np.int32),
+               "cum_log_probs": log_probs.sum(axis=2), "output_log_probs": log_probs}
     return {k: v for k, v in outputs.items() if requested is None or k in requested}

@@ -266,3 +266,18 @@ def test_streamed_log_probs_join_to_the_whole_ones_and_cum_log_probs_runs_on(def
     assert np.allclose(joined, whole["output_log_probs"].reshape(-1), atol=1e-5)
     running = np.cumsum([p["output_log_probs"].sum() for p in pieces])
     assert np.allclose([p["cum_log_probs"].item() for p in pieces], running, atol=1e-4)
+
+
+def test_beam_search_answers_every_beam_best_first(default_server):
+    outputs = ["text_output", "output_log_probs", "cum_log_probs"]
+    (response,) = stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 8, beam_width=3,
+                                                                        return_log_probs=True), outputs=outputs)
+    beams = texts(response["text_output"])
+    assert response["text_output"].shape == (3,) and len(set(beams)) == 3
+    assert response["output_log_probs"].shape == (1, 3, 8)
+    cum = response["cum_log_probs"].reshape(-1)
+    assert np.allclose(cum, response["output_log_probs"].sum(axis=2).reshape(-1), atol=1e-4)
+    assert list(cum) == sorted(cum, reverse=True), "best beam first"
+    with pytest.raises(InferenceServerException) as failure:
+        stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 8, beam_width=3, stream=True))
+    assert own_message(failure.value).startswith("streaming:")
