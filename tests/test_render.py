@@ -128,3 +128,25 @@ def test_cpu_threads_follow_the_engine_size(default_engine, tmp_path):
 
     config = parse(render_repository(default_engine, tmp_path / "b", RenderOptions(cpu_threads=0)) / "tensorrt_llm" / "config.pbtxt")
     assert config.parameters["intra_threads"].string_value == "0"
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_decoupled_false_renders_nvidia_s_unary_deployment(variant, default_engine, gpu_engine, tmp_path):
+    from bayling.model_repository.render import RenderOptions
+
+    repo = render_repository(default_engine if variant == "cpu" else gpu_engine, tmp_path / "repo",
+                             RenderOptions(decoupled=False))
+    for model in ("tensorrt_llm", "tensorrt_llm_bls"):
+        assert not parse(repo / model / "config.pbtxt").model_transaction_policy.decoupled
+    assert parse(repo / "bayling" / "config.pbtxt").model_transaction_policy.decoupled   # ours streams still
+    assert parse(repo / "bayling" / "config.pbtxt").parameters["engine_decoupled"].string_value == "false"
+    assert (repo / "tensorrt_llm_bls" / "1" / "model.py").is_file()
+
+
+def test_bayling_serve_decoupled_flag_takes_true_or_false_and_refuses_the_rest():
+    from tests.conftest import bayling_cli
+
+    assert "--decoupled {true,false}" in bayling_cli("serve", "--help").stdout
+    bad = bayling_cli("render", "--engine", "x", "--output", "y", "--decoupled", "maybe", check=False)
+    assert bad.returncode != 0
+    assert "--decoupled: expected true or false, got 'maybe'" in bad.stderr.strip().splitlines()[-1]
