@@ -22,9 +22,9 @@ from typing import AsyncIterator, Sequence
 
 from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, RESOLVE_EVERY, Balancer,
                                     BayLingServerError, ChatResult, Endpoint, ModelInfo, addresses_from_addrinfo,
-                                    backoff_delays, final_result, grpc_inputs, grpc_outputs, grpc_status_error,
-                                    http_error, httpx_options, model_info_from_config, no_server_error, parse_targets,
-                                    request_values, sse_event)
+                                    backoff_delays, final_result, grpc_channel_args, grpc_inputs, grpc_outputs,
+                                    grpc_status_error, http_error, httpx_options, model_info_from_config,
+                                    no_server_error, parse_targets, request_values, sse_event)
 from bayling.client.library import add_token_logprobs
 
 
@@ -73,7 +73,7 @@ class _AioGrpcTransport:
         import tritonclient.grpc.aio as aio
 
         self._grpc, self._grpcclient = grpc, grpcclient
-        self._client = aio.InferenceServerClient(address)
+        self._client = aio.InferenceServerClient(address, channel_args=grpc_channel_args(grpcclient))
 
     async def responses(self, values: dict, timeout: float) -> AsyncIterator[tuple[dict, bool]]:
         request = {"model_name": MODEL, "inputs": grpc_inputs(self._grpcclient, values)}

@@ -367,6 +367,20 @@ class Balancer:
             return list(self.endpoints)
 
 
+def grpc_channel_args(grpcclient) -> list[tuple]:
+    """tritonclient's own channel options, plus gRPC reconnection no slower than the balancer retries
+    an address (gRPC's default backoff grows to 120 s: a restarted server would wait that long)."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", int(DOWN_S * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(DOWN_S * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(MAX_DOWN_S * 1000))]
+
+
 def no_server_error(targets: Targets) -> BayLingServerError:
     return BayLingServerError("UNAVAILABLE", f"{targets}: no server address (the name resolves to nothing)")
 
@@ -415,14 +429,15 @@ class _GrpcTransport:
         self.address = address
         # One tritonclient client holds one stream at a time: keep idle ones for reuse.
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        self._control = grpcclient.InferenceServerClient(address)
+        self._channel_args = grpc_channel_args(grpcclient)
+        self._control = grpcclient.InferenceServerClient(address, channel_args=self._channel_args)
 
     def responses(self, values: dict, timeout: float) -> Iterator[tuple[dict, bool]]:
         inputs = grpc_inputs(self._grpcclient, values)
         try:
             client = self._idle.get_nowait()
         except queue.Empty:
-            client = self._grpcclient.InferenceServerClient(self.address)
+            client = self._grpcclient.InferenceServerClient(self.address, channel_args=self._channel_args)
         answers: queue.Queue = queue.Queue()
         finished = False
         try:

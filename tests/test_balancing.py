@@ -50,13 +50,16 @@ class Server:
         return f"http://127.0.0.1:{self.metrics}/metrics"
 
     def start(self) -> "Server":
-        log = open(self.run_dir / "serve.log", "ab")
-        self.process = subprocess.Popen(
+        with open(self.run_dir / "serve.log", "ab") as log:
+            self.process = self._popen(log)
+        return self
+
+    def _popen(self, log) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "bayling.cli", "serve", "--engine", str(self.engine), "--http-port", str(self.http),
              "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--run-dir", str(self.run_dir),
              "--log-file", str(self.run_dir / "tritonserver.log")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
 
     def ready(self) -> bool:
         with BayLingClient(self.grpc_url, retries=0, validate_max_tokens=False) as c:
@@ -219,7 +222,13 @@ def test_a_killed_server_costs_only_its_started_streams_and_a_restarted_one_take
             # the same ports again: the restarted server gets its share once it is ready
             victim.start()
             await wait_for(victim.ready, 300, "the restarted server")
-            await asyncio.sleep(MAX_DOWN_S + 0.5)                 # past the longest skip of a failed address
+            back = await asyncio.to_thread(victim.successes)
+            started = time.monotonic()
+            while await asyncio.to_thread(metric, victim.metrics_url, "nv_inference_request_success",
+                                          model="bayling") == back:
+                await client.chat("Say hi.", **SHORT)              # the client tries it again after its skip
+                assert time.monotonic() - started < 4 * MAX_DOWN_S + 10, "the restarted server got no request"
+                await asyncio.sleep(0.5)
             before = [await asyncio.to_thread(s.successes) for s in servers]
             await asyncio.gather(*(client.chat(f"Say the number {i}.", **SHORT) for i in range(REQUESTS)))
             assert_even(await asyncio.to_thread(shares, servers, before), REQUESTS)
