@@ -148,6 +148,17 @@ def sampling_kwargs(request: EngineRequest, default_end_id: int) -> dict[str, An
     return kw
 
 
+def refuse_batched(inputs: dict) -> None:
+    """One sequence per Triton request (the ensemble and the `bayling` model send one); a request
+    carrying several prompts, or asking for several sequences, is refused by name instead of merged."""
+    ids = inputs.get("input_ids")
+    if ids is not None and ids.ndim > 1 and ids.shape[0] > 1:
+        raise InvalidInput("input_ids", f"the LLM API engine takes one prompt per request, got {ids.shape[0]}")
+    n = inputs.get("num_return_sequences")
+    if n is not None and n.size and int(n.reshape(-1)[0]) > 1:
+        raise InvalidInput("num_return_sequences", "the LLM API engine returns one sequence per request; use 1")
+
+
 def token_log_probs(completion, start: int, end: int) -> list[float]:
     """Log probs of the generated tokens [start, end): the LLM API gives a float per token, or
     (newer) a {token id: Logprob} dict per token holding the sampled one."""

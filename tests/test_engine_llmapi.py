@@ -261,6 +261,17 @@ def test_requests_become_documented_sampling_params():
     assert "top_p" not in sampling_kwargs(EngineRequest("", [5], 8, top_k=0, top_p=0.0), 2)
 
 
+def test_several_prompts_or_sequences_in_one_request_are_refused_by_name():
+    import numpy as np
+    from bayling.model_repository.engine_llmapi import refuse_batched
+
+    refuse_batched({"input_ids": np.array([[5, 6]], np.int32), "num_return_sequences": np.array([[1]], np.int32)})
+    with pytest.raises(InvalidInput, match="input_ids"):
+        refuse_batched({"input_ids": np.array([[5, 6], [7, 8]], np.int32)})
+    with pytest.raises(InvalidInput, match="num_return_sequences"):
+        refuse_batched({"input_ids": np.array([[5, 6]], np.int32), "num_return_sequences": np.array([[2]], np.int32)})
+
+
 def test_log_probs_are_read_in_both_documented_shapes():
     class Completion:
         token_ids = [4, 5]

@@ -12,7 +12,7 @@ from bayling.errors import InvalidInput
 from bayling.manifest import ENGINE_SUBDIRS, read_manifest
 from bayling.model_repository import engine_io
 from bayling.model_repository import triton_io as io
-from bayling.model_repository.engine_llmapi import LlmApiEngine, LlmApiSettings, load_llm
+from bayling.model_repository.engine_llmapi import LlmApiEngine, LlmApiSettings, load_llm, refuse_batched
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -79,6 +79,7 @@ class TritonPythonModel:
                     self.engine.stop(request.request_id())
                     sender.send(flags=FINAL)
                     continue
+                refuse_batched(inputs)
                 req, include_input = engine_io.engine_request(inputs, request.request_id(), self.exclude_input)
                 if req.streaming and not self.decoupled:
                     raise InvalidInput("streaming", "needs the decoupled deployment of tensorrt_llm")
