@@ -98,9 +98,10 @@ def test_server_errors_carry_the_servers_message_and_field(client):
         client.chat("word " * 9000, max_tokens=16)                   # more than the context holds
     assert caught.value.status == "INVALID_ARGUMENT" and caught.value.field == "messages"
     assert caught.value.message.startswith("messages: the prompt needs")
-    with pytest.raises(BayLingServerError) as caught:
-        client.chat(FRANCE, max_tokens=4, presence_penalty=0.5)     # the CPU engine has no penalties
-    assert caught.value.field == "presence_penalty" and "CPU engine" in caught.value.message
+    with pytest.raises(BayLingServerError) as caught:                # only the engine knows its vocabulary
+        client.chat(FRANCE, max_tokens=4, top_k=10**6, temperature=0.7)
+    assert caught.value.status == "INVALID_ARGUMENT" and caught.value.field in ("top_k", "runtime_top_k")
+    assert "vocabulary" in caught.value.message
     with pytest.raises(BayLingServerError) as caught:
         list(client.stream_chat("word " * 9000, max_tokens=16))
     assert caught.value.field == "messages"
