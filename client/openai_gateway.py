@@ -145,7 +145,7 @@ def sse(data: dict | str) -> str:
 
 def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_key: str | None = None,
                model_id: str | None = None, timeout: float = 600, max_request_bytes: int = MAX_REQUEST_BYTES,
-               balance: str = "least_requests"):
+               balance: str = "least_requests", completions_max_tokens: int = COMPLETIONS_MAX_TOKENS):
     """The Starlette application; `url` is the Triton server (gRPC host:port or http://host:port), or
     several (a comma-separated list, or dns:///name:port), requests spread over them by `balance`."""
     from starlette.applications import Starlette
@@ -229,7 +229,7 @@ def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_
         try:
             req = proto.parse(proto.ChatCompletionRequest if chat else proto.CompletionRequest,
                               await read_body(request))
-            params = generation_params(req, None if chat else COMPLETIONS_MAX_TOKENS)
+            params = generation_params(req, None if chat else completions_max_tokens)
             prompts = [req.conversation] if chat else req.prompts()
             if not chat and (req.best_of or 1) > req.choices_per_prompt:
                 params["logprobs"] = True          # best_of ranks the sequences by their mean log prob
@@ -435,6 +435,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' (default: $BAYLING_API_KEY, else no key)")
     parser.add_argument("--model-id", help="model id to report (default: the server's model name)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
+    parser.add_argument("--completions-max-tokens", type=int, default=COMPLETIONS_MAX_TOKENS, metavar="N",
+                        help=f"max_tokens of a completion that gives none (default {COMPLETIONS_MAX_TOKENS}, "
+                             "OpenAI's; chat completions default to the model's)")
     parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N",
                         help=f"largest request body accepted (default {MAX_REQUEST_BYTES}, 8 MiB); larger ones get 413")
 
@@ -449,10 +452,13 @@ def main(args: argparse.Namespace) -> int:
     from bayling.client.library import parse_targets
 
     parse_targets(args.url, args.protocol)      # a bad URL is a one-line error, before listening
+    if args.completions_max_tokens < 1:
+        raise BaylingError(f"--completions-max-tokens must be at least 1, got {args.completions_max_tokens}")
     if args.max_request_bytes < 1024:
         raise BaylingError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     app = create_app(args.url, args.protocol, api_key=args.api_key, model_id=args.model_id, timeout=args.timeout,
-                     max_request_bytes=args.max_request_bytes, balance=args.balance)
+                     max_request_bytes=args.max_request_bytes, balance=args.balance,
+                     completions_max_tokens=args.completions_max_tokens)
     print(f"OpenAI-compatible gateway: http://{args.host}:{args.port}/v1 -> {args.url}"
           f"{' (API key required)' if args.api_key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -520,3 +520,15 @@ def test_the_engine_model_takes_nvidia_s_bias_and_penalty_tensors(default_server
     logits = result.as_numpy("generation_logits")
     assert logits.shape == (1, 1, 3, len(smol_tokenizer))
     assert result.as_numpy("output_log_probs").shape == (1, 1, 3)
+
+
+def test_completions_max_tokens_option(default_server):
+    process, base = start_gateway("--url", default_server.grpc, "--completions-max-tokens", "3")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0)
+        assert (answer.usage.completion_tokens, answer.choices[0].finish_reason) == (3, "length")
+    finally:
+        stop_process(process)
+    refused = bayling_process("openai", "--completions-max-tokens", "0")
+    assert refused.wait(60) != 0 and "--completions-max-tokens must be at least 1" in stop_process(refused)
