@@ -76,6 +76,9 @@ def _t(name: str, dtype: str, *dims: int, optional: bool = True, ragged: bool = 
 # all of v0.17.0's tensors, in its order (tests/test_nvidia_parity.py checks them against the record
 # model_repository/data/inflight_batcher_llm_v0.17.0.json). `LOGITS` stands for NVIDIA's ${logits_datatype}.
 LOGITS = "FP32"
+# v0.17 name -> TensorRT-LLM 1.x name; a request may give either (the 1.x one wins).
+RENAMED_IN_1_X: dict[str, str] = {"min_length": "min_tokens", "random_seed": "seed"}
+RENAMED_IN_1_X_INPUTS: tuple[Tensor, ...] = (_scalar("min_tokens", "INT32"), _scalar("seed", "UINT64"))
 ENGINE_INPUTS: tuple[Tensor, ...] = (
     _t("input_ids", "INT32", -1, ragged=True),
     _t("encoder_input_features", "FP16", -1, -1, ragged=True),   # ${encoder_input_features_data_type}
@@ -123,6 +126,9 @@ ENGINE_INPUTS: tuple[Tensor, ...] = (
     _t("lora_weights", "FP16", -1, -1, ragged=True),
     _t("lora_config", "INT32", -1, 3, ragged=True),
     _t("context_phase_params", "UINT8", -1, ragged=True),
+    # TensorRT-LLM 1.x's names of min_length and random_seed: the pinned GPU backend (1.2.1) reads only
+    # these (triton_backend/inflight_batcher_llm/src/utils.h); the CPU and LLM API engines read either.
+    *RENAMED_IN_1_X_INPUTS,
     _t("skip_cross_attn_blocks", "BOOL", 1, ragged=True),
     _t("retention_token_range_starts", "INT32", -1, ragged=True),
     _t("retention_token_range_ends", "INT32", -1, ragged=True),
@@ -260,7 +266,7 @@ ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
     _t("lora_task_id", "UINT64", 1),
     _t("lora_weights", "FP16", -1, -1, ragged=True),
     _t("lora_config", "INT32", -1, 3, ragged=True),
-)
+) + tuple(_t(t.name, t.dtype, 1) for t in RENAMED_IN_1_X_INPUTS)   # TensorRT-LLM 1.x's names
 
 ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("text_output", "STRING", (-1,)),
@@ -329,6 +335,7 @@ ENSEMBLE_TO_ENGINE: dict[str, str] = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "random_seed": "random_seed",
+    **{new: new for new in RENAMED_IN_1_X.values()},   # the 1.x names, for clients of TensorRT-LLM 1.x
     "return_log_probs": "return_log_probs",
     "return_context_logits": "return_context_logits",
     "return_generation_logits": "return_generation_logits",
@@ -347,6 +354,8 @@ ENSEMBLE_TO_ENGINE: dict[str, str] = {
 # reach the engine through `preprocessing` (max_tokens, end_id, pad_id). The `bayling` model uses it too.
 PUBLIC_TO_ENGINE: dict[str, str] = {**ENSEMBLE_TO_ENGINE, "max_tokens": "request_output_len", "end_id": "end_id",
                                     "pad_id": "pad_id"}
+# The `bayling` model sends the 1.x names, which every engine reads (the GPU backend only those).
+PUBLIC_TO_ENGINE.update(RENAMED_IN_1_X)
 # The `bayling` model's OpenAI options: logprobs asks for the engine's log probs, top_logprobs > 0 for its
 # generation logits (the alternatives are ranked from them), as one engine scalar each ...
 PUBLIC_TO_ENGINE.update({"logprobs": "return_log_probs", "top_logprobs": "return_generation_logits"})

@@ -24,9 +24,12 @@ RECORD = json.loads(resources.files("bayling.model_repository").joinpath("data/i
                     .read_text(encoding="utf-8"))
 NVIDIA_MODELS = ("preprocessing", "postprocessing", "ensemble", "tensorrt_llm", "tensorrt_llm_bls")
 
-# Tensors we declare beyond NVIDIA's, per model, with why. Empty: BayLing's own tensors live on the
-# `bayling` model, never on NVIDIA's.
+# Tensors we declare beyond NVIDIA's, per model, with why. BayLing's own tensors live on the `bayling`
+# model, never on NVIDIA's; the one addition, on the engine and the ensemble, is TensorRT-LLM 1.x's names of two v0.17 inputs.
 ADDITIONS: dict[str, dict[str, str]] = {model: {} for model in NVIDIA_MODELS}
+ADDITIONS["tensorrt_llm"] = {new: f"TensorRT-LLM 1.x's name of {old}: the pinned GPU backend reads only it"
+                             for old, new in contract.RENAMED_IN_1_X.items()}
+ADDITIONS["ensemble"] = dict(ADDITIONS["tensorrt_llm"])
 
 # NVIDIA's dtype placeholders and the value this repository renders for them (what fill_template.py
 # would be given for an FP32-logits engine and an FP16 encoder).
@@ -99,6 +102,8 @@ def test_the_ensemble_is_wired_as_nvidia_s(rendered):
     _, configs = rendered
     ours = [(s.model_name, dict(s.input_map), dict(s.output_map)) for s in configs["ensemble"].ensemble_scheduling.step]
     nvidia = [(s["model_name"], s["input_map"], s["output_map"]) for s in RECORD["models"]["ensemble"]["steps"]]
+    # plus the additions: each wired to the engine input of the same name
+    nvidia[1][1].update({name: name for name in ADDITIONS["ensemble"]})
     assert ours == nvidia
 
 

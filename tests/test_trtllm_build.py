@@ -628,18 +628,20 @@ def test_a_model_that_is_not_bayling_calibrates_with_its_own_chat_template(tmp_p
 
 # ------------------------------------------------------------------ the 1.2 backend's tensors
 
-def test_the_1_2_backend_reads_the_engine_tensors_this_project_sends_except_two_renamed_ones():
+def test_the_1_2_backend_reads_every_engine_tensor_this_project_sends():
     """TensorRT-LLM 1.x's C++ backend reads `min_tokens` and `seed` where 0.17 read `min_length` and
-    `random_seed` (triton_backend/inflight_batcher_llm/src/utils.h InputFieldsNames). bayling.contract
-    still names them as 0.17 did, so on the GPU engine those two are ignored until the contract maps
-    them; this pins exactly that gap (docs/gpu.md, "What changed with the pin")."""
+    `random_seed` (triton_backend/inflight_batcher_llm/src/utils.h InputFieldsNames). The contract
+    declares both names on the engine (the CPU and LLM API engines read either) and the `bayling` model
+    sends the 1.x ones, so min_length and random_seed reach the GPU engine."""
     declared = {t.name for t in contract.ENGINE_INPUTS}
     read = set(OPTIONS["backend_input_tensors"])
-    sent = {"input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
-            "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "repetition_penalty",
-            "presence_penalty", "frequency_penalty", "min_length", "random_seed", "beam_width", "return_log_probs",
-            "streaming", "stop", "exclude_input_in_output", "embedding_bias", "num_return_sequences",
-            "return_context_logits", "return_generation_logits"} & declared
     renames = OPTIONS["backend_tensor_renames_since_0_17"]
-    assert sent - read == set(renames) and set(renames.values()) <= read
+    assert renames == contract.RENAMED_IN_1_X and set(renames.values()) <= declared & read
+    sent = {contract.PUBLIC_TO_ENGINE[p] for p in ("max_tokens", "end_id", "pad_id", "top_k", "top_p", "temperature",
+                                                   "repetition_penalty", "presence_penalty", "frequency_penalty",
+                                                   "min_length", "random_seed", "beam_width", "return_log_probs",
+                                                   "stream", "exclude_input_in_output", "num_return_sequences",
+                                                   "return_generation_logits")}
+    sent |= {"input_ids", "input_lengths", "stop_words_list", "bad_words_list", "embedding_bias", "stop"}
+    assert sent <= declared and sent <= read, sorted(sent - read)
     assert {t.name for t in contract.ENGINE_OUTPUTS} <= set(OPTIONS["backend_output_tensors"])
