@@ -489,7 +489,11 @@ def test_the_llmapi_model_exports_the_request_gauge_the_chart_scales_on(llmapi_s
     for kind in ("active", "scheduled", "waiting"):       # idle: what the chart's autoscaling reads is 0
         assert metric(llmapi_server.metrics_url, f'nv_trt_llm_request_metrics{{request_type="{kind}"}}') == 0
     assert 'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0' in text
-    assert metric(llmapi_server.metrics_url, "bayling_engine_generated_tokens_total") > 0   # the earlier tests'
+    from tests.client_helpers import settled
+    from tests.triton_helpers import chat, grpc_stream
+
+    assert grpc_stream(llmapi_server.grpc_url, chat("你好", max_tokens=8, temperature=0.0)).error is None
+    assert settled(lambda: metric(llmapi_server.metrics_url, "bayling_engine_generated_tokens_total")) > 0
 
 
 
