@@ -62,8 +62,9 @@ class Server:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def ready(self) -> bool:
+        """Serving, and its metrics answer (Triton starts its metrics service a little after gRPC)."""
         with BayLingClient(self.grpc_url, retries=0, validate_max_tokens=False) as c:
-            return c.health()
+            return c.health() and http_ok(self.metrics_url)
 
     def successes(self) -> float:
         """Requests the `bayling` model answered, by Triton's own count (settled: it updates every 2 s)."""

@@ -474,6 +474,7 @@ def test_the_whole_stack_serves_the_quantized_checkpoint_through_the_llmapi_mode
 
 
 def test_the_llmapi_model_exports_the_request_gauge_the_chart_scales_on(llmapi_server, standin_engine_dir):
+    from tests.client_helpers import wait_until
     from tests.triton_helpers import metric
 
     expected = read_manifest(standin_engine_dir).build["llm_api"]["max_batch_size"]
@@ -486,8 +487,11 @@ def test_the_llmapi_model_exports_the_request_gauge_the_chart_scales_on(llmapi_s
         time.sleep(0.5)
     assert 'nv_trt_llm_request_metrics{request_type="max"}' in text, text[:2000]
     assert metric(llmapi_server.metrics_url, 'nv_trt_llm_request_metrics{request_type="max"}') == expected
-    for kind in ("active", "scheduled", "waiting"):       # idle: what the chart's autoscaling reads is 0
-        assert metric(llmapi_server.metrics_url, f'nv_trt_llm_request_metrics{{request_type="{kind}"}}') == 0
+    idle = lambda: all(metric(llmapi_server.metrics_url, f'nv_trt_llm_request_metrics{{request_type="{kind}"}}') == 0  # noqa: E731
+                       for kind in ("active", "scheduled", "waiting"))
+    wait_until(idle, 30, "the gauges the chart's autoscaling reads to be 0 once the earlier tests' requests ended")
+    with urllib.request.urlopen(llmapi_server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
     assert 'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0' in text
     from tests.client_helpers import settled
     from tests.triton_helpers import chat, grpc_stream

@@ -149,4 +149,5 @@ def test_python_models_are_found_with_their_instance_counts(default_engine, tmp_
     from bayling.model_repository.supervisor import python_models
 
     repo = render_repository(default_engine, tmp_path / "repo", RenderOptions(entry_instances=2))
-    assert python_models(repo) == {"bayling": 2, "postprocessing": 1, "preprocessing": 1, "tensorrt_llm": 1}
+    assert python_models(repo) == {"bayling": 2, "tensorrt_llm_bls": 2, "postprocessing": 1, "preprocessing": 1,
+                                   "tensorrt_llm": 1}
