@@ -143,6 +143,11 @@ class _Active:
         return self.stop_requested or self.box.cancelled
 
 
+def ends_with_stop_word(generated: list[int], stop_words: list[list[int]]) -> bool:
+    """Do the generated ids end with one of the stop words? ([5, 7, 9], [[7, 9]] -> True)"""
+    return any(len(w) <= len(generated) and generated[-len(w):] == w for w in stop_words)
+
+
 def seed32(seed: int) -> int:
     """TensorRT-LLM's seeds are 64-bit, CTranslate2's 32-bit: fold the halves together, so that every
     seed works and equal seeds sample alike (2**40 -> 256)."""
@@ -381,7 +386,7 @@ class Ct2Engine:
             self.generated_tokens += 1
             active.log_probs.append(step.log_prob or 0.0)
             n = len(active.generated)
-            if n >= request.max_new_tokens or step.is_last or active.cancelled or self._hit_stop_word(active):
+            if n >= request.max_new_tokens or step.is_last or active.cancelled or ends_with_stop_word(active.generated, active.request.stop_words):
                 finish(active)
                 return True
             if request.streaming and not with_logits:
@@ -400,11 +405,6 @@ class Ct2Engine:
             if not active.done:
                 self._finish(active)
         return False
-
-    @staticmethod
-    def _hit_stop_word(active: _Active) -> bool:
-        generated = active.generated
-        return any(len(w) <= len(generated) and generated[-len(w):] == w for w in active.request.stop_words)
 
     def _deliver(self, active: _Active, start: int, end: int, final: bool) -> None:
         """In the relay thread: one response with the tokens [start, end) (or one per token)."""

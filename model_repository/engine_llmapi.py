@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from bayling.errors import BaylingError, InvalidInput
 from bayling.params import NO_END_ID
-from bayling.model_repository.engine_ct2 import Emission, EngineRequest, Sink
+from bayling.model_repository.engine_ct2 import Emission, EngineRequest, Sink, ends_with_stop_word
 from bayling.model_repository.relay import Outbox, Relay
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class LlmApiEngine:
                 ended = True
                 break
             active.generated.append(ids[i])
-            if len(active.generated) >= request.max_new_tokens or self._hit_stop_word(active):
+            if len(active.generated) >= request.max_new_tokens or ends_with_stop_word(active.generated, active.request.stop_words):
                 ended = True
                 break
         n = len(active.generated)
@@ -334,11 +334,6 @@ class LlmApiEngine:
     def _end_ids(self, request: EngineRequest) -> tuple[int, ...]:
         end_id = self.default_end_id if request.end_id is None else request.end_id
         return () if end_id == NO_END_ID else (end_id,)
-
-    @staticmethod
-    def _hit_stop_word(active: _Active) -> bool:
-        generated = active.generated
-        return any(len(w) <= len(generated) and generated[-len(w):] == w for w in active.request.stop_words)
 
     def _deliver(self, active: _Active, start: int, end: int, final: bool) -> None:
         """In the relay thread: one response with the tokens [start, end) (or one per token)."""

@@ -72,6 +72,8 @@ def choose(x: np.ndarray, request: "EngineRequest", rng: np.random.Generator) ->
 
 def run(engine: "Ct2Engine", active: "_Active") -> None:
     """Decode one request to its end (or cancellation), one token per forward pass."""
+    from bayling.model_repository.engine_ct2 import ends_with_stop_word   # (engine_ct2 imports this module)
+
     request = active.request
     vocab = len(engine.vocabulary)
     context = list(request.input_ids) + active.generated
@@ -96,7 +98,7 @@ def run(engine: "Ct2Engine", active: "_Active") -> None:
         if request.return_generation_logits:
             active.logits.append(raw.copy())
         n = len(active.generated)
-        if n >= request.max_new_tokens or active.cancelled or engine._hit_stop_word(active):
+        if n >= request.max_new_tokens or active.cancelled or ends_with_stop_word(active.generated, request.stop_words):
             engine._finish(active)
             return
         if request.streaming:
