@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -148,6 +148,20 @@ def ends_with_stop_word(generated: list[int], stop_words: list[list[int]]) -> bo
     return any(len(w) <= len(generated) and generated[-len(w):] == w for w in stop_words)
 
 
+def joinable_min_length(request: EngineRequest) -> EngineRequest:
+    """The same request without CTranslate2's min_length where it can go: min_length counts from the start
+    of a CTranslate2 call, so a batch with it cannot restart for newcomers. With no end id it suppresses
+    nothing; a request that may not end before its last token (min_length >= max_new_tokens, as genai-perf's
+    fixed lengths ask) is the same as one whose end id is a bad word. Either then joins running batches."""
+    if request.min_length == 0 or request.stepwise or request.beam_width > 1:
+        return request
+    if request.end_id == NO_END_ID:
+        return replace(request, min_length=0)
+    if request.end_id is not None and request.min_length >= request.max_new_tokens:
+        return replace(request, min_length=0, end_id=NO_END_ID, bad_words=[*request.bad_words, [request.end_id]])
+    return request
+
+
 def seed32(seed: int) -> int:
     """TensorRT-LLM's seeds are 64-bit, CTranslate2's 32-bit: fold the halves together, so that every
     seed works and equal seeds sample alike (2**40 -> 256)."""
@@ -215,6 +229,7 @@ class Ct2Engine:
 
     def submit(self, request: EngineRequest, sink: Sink, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         self.validate(request)
+        request = joinable_min_length(request)
         active = _Active(request, sink)
         active.box = Outbox(lambda start, end, final: self._deliver(active, start, end, final), is_cancelled)
         self.relay.watch(active.box)

@@ -181,6 +181,40 @@ def test_a_request_joins_a_running_batch_instead_of_waiting(default_engine, smol
         del engine.generator
 
 
+def test_a_request_that_may_not_end_early_joins_a_running_batch(default_engine, smol_tokenizer):
+    """min_length = max_new_tokens (genai-perf's fixed lengths) kept a request out of running batches: it
+    waited for a whole answer. It is the same request with its end id suppressed, which can join."""
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
+    eos = smol_tokenizer.eos_token_id
+    prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
+                                                add_generation_prompt=True)["input_ids"]
+
+    def fixed(n: int, **kw) -> EngineRequest:
+        return EngineRequest("", prompt, n, end_id=eos, top_k=1, min_length=n, **kw)
+
+    try:
+        alone = Collector()
+        engine.submit(fixed(24), alone)
+        direct = engine.generator.generate_batch([[engine.vocabulary[t] for t in prompt]], max_length=24,
+                                                 min_length=24, sampling_topk=1, end_token=[eos],
+                                                 include_prompt_in_result=False)
+        assert alone.wait().tokens == direct[0].sequences_ids[0] and len(alone.tokens) == 24  # as min_length does
+        a, b = Collector(), Collector()
+        engine.submit(fixed(60, streaming=True), a)
+        while len(a.tokens) < 5:
+            assert not a.done.is_set()
+            a.done.wait(0.01)
+        restarts = engine.restarts
+        engine.submit(fixed(5), b)
+        b.wait()
+        assert len(a.tokens) < 40 and engine.restarts > restarts, "the fixed-length request waited for the batch"
+        a.wait()
+        assert (len(a.tokens), len(b.tokens)) == (60, 5) and eos not in a.tokens + b.tokens
+    finally:
+        engine.shutdown()
+        del engine.generator
+
+
 def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, prompt_and_script):
     prompt, script = prompt_and_script
     engine = Ct2Engine(str(scripted_engine / ENGINE_SUBDIRS["ctranslate2"]), one_token_per_response=True)
