@@ -95,7 +95,8 @@ def test_cancelling_a_stream_stops_generation_on_the_server(default_server):
     time.sleep(2)  # the engine notices within a few tokens
     settled = metric(default_server.metrics, name)
     time.sleep(2)
-    assert metric(default_server.metrics, name) == settled, "the engine kept generating after the client left"
+    # (the supervisor's generation probe may add its one token meanwhile; the story would add about 100)
+    assert metric(default_server.metrics, name) - settled <= 1, "the engine kept generating after the client left"
     assert settled - before < 200  # far from the 1500 tokens asked for
     assert metric(default_server.metrics, 'bayling_requests_total{finish_reason="cancelled"}') >= 1
 
