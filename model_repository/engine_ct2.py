@@ -148,6 +148,25 @@ def ends_with_stop_word(generated: list[int], stop_words: list[list[int]]) -> bo
     return any(len(w) <= len(generated) and generated[-len(w):] == w for w in stop_words)
 
 
+def validate_ids(request: EngineRequest, vocab: int) -> None:
+    """What every engine refuses: no prompt, ids outside the vocabulary, no tokens to make, top_k above it."""
+    if not request.input_ids:
+        raise InvalidInput("input_ids", "is empty")
+    bad = [t for t in request.input_ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
+    if request.max_new_tokens < 1:
+        raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
+    if request.top_k > vocab:
+        raise InvalidInput("runtime_top_k", f"must be at most the vocabulary size {vocab}, got {request.top_k}")
+    if request.end_id is not None and not NO_END_ID <= request.end_id < vocab:
+        raise InvalidInput("end_id", f"must be a token id below {vocab}, or {NO_END_ID} (no end token), "
+                                     f"got {request.end_id}")
+    for words, name in ((request.stop_words, "stop_words_list"), (request.bad_words, "bad_words_list")):
+        if any(not 0 <= t < vocab for w in words for t in w):
+            raise InvalidInput(name, f"has ids outside the vocabulary of {vocab}")
+
+
 def joinable_min_length(request: EngineRequest) -> EngineRequest:
     """The same request without CTranslate2's min_length where it can go: min_length counts from the start
     of a CTranslate2 call, so a batch with it cannot restart for newcomers. With no end id it suppresses
@@ -208,24 +227,10 @@ class Ct2Engine:
     # --- the adapter's side
     def validate(self, request: EngineRequest) -> None:
         vocab = len(self.vocabulary)
-        if not request.input_ids:
-            raise InvalidInput("input_ids", "is empty")
-        bad = [t for t in request.input_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
-        if request.max_new_tokens < 1:
-            raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
+        validate_ids(request, vocab)
         if request.embedding_bias is not None and len(request.embedding_bias) != vocab:
             raise InvalidInput("embedding_bias", f"must hold one bias per token of the vocabulary ({vocab}), "
                                                  f"got {len(request.embedding_bias)}")
-        if request.top_k > vocab:
-            raise InvalidInput("runtime_top_k", f"must be at most the vocabulary size {vocab}, got {request.top_k}")
-        if request.end_id is not None and not NO_END_ID <= request.end_id < vocab:
-            raise InvalidInput("end_id", f"must be a token id below {vocab}, or {NO_END_ID} (no end token), "
-                                         f"got {request.end_id}")
-        for words, name in ((request.stop_words, "stop_words_list"), (request.bad_words, "bad_words_list")):
-            if any(not 0 <= t < vocab for w in words for t in w):
-                raise InvalidInput(name, f"has ids outside the vocabulary of {vocab}")
 
     def submit(self, request: EngineRequest, sink: Sink, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         self.validate(request)

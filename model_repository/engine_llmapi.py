@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from bayling.errors import BaylingError, InvalidInput
 from bayling.params import NO_END_ID
-from bayling.model_repository.engine_ct2 import Emission, EngineRequest, Sink, ends_with_stop_word
+from bayling.model_repository.engine_ct2 import Emission, EngineRequest, Sink, ends_with_stop_word, validate_ids
 from bayling.model_repository.relay import Outbox, Relay
 
 log = logging.getLogger(__name__)
@@ -216,22 +216,7 @@ class LlmApiEngine:
 
     # --- the adapter's side
     def validate(self, request: EngineRequest) -> None:
-        vocab = self.vocab_size
-        if not request.input_ids:
-            raise InvalidInput("input_ids", "is empty")
-        bad = [t for t in request.input_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInput("input_ids", f"has ids outside the vocabulary of {vocab}: {bad[:5]}")
-        if request.max_new_tokens < 1:
-            raise InvalidInput("request_output_len", f"must be at least 1, got {request.max_new_tokens}")
-        if request.top_k > vocab:
-            raise InvalidInput("runtime_top_k", f"must be at most the vocabulary size {vocab}, got {request.top_k}")
-        if request.end_id is not None and not NO_END_ID <= request.end_id < vocab:
-            raise InvalidInput("end_id", f"must be a token id below {vocab}, or {NO_END_ID} (no end token), "
-                                         f"got {request.end_id}")
-        for words, name in ((request.stop_words, "stop_words_list"), (request.bad_words, "bad_words_list")):
-            if any(not 0 <= t < vocab for w in words for t in w):
-                raise InvalidInput(name, f"has ids outside the vocabulary of {vocab}")
+        validate_ids(request, self.vocab_size)
         sampling_kwargs(request, self.default_end_id)       # refuses what the LLM API cannot take
 
     def submit(self, request: EngineRequest, sink: Sink, is_cancelled: Callable[[], bool] = lambda: False) -> None:

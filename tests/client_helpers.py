@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -129,3 +130,23 @@ class TcpForwarder:
     def stop(self) -> None:
         if self._listener:
             self._listener.close()
+
+
+class Collector:
+    """The emissions one engine request's sink receives."""
+
+    def __init__(self):
+        self.emissions, self.done = [], threading.Event()
+
+    def __call__(self, emission):
+        self.emissions.append(emission)
+        if emission.final:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [t for e in self.emissions for t in e.token_ids]
+
+    def wait(self):
+        assert self.done.wait(60), "no final response"
+        return self

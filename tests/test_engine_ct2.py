@@ -10,25 +10,8 @@ import pytest
 from bayling.manifest import ENGINE_SUBDIRS
 from bayling.templates import builtin_template
 from bayling.tokenization import PromptEncoder
+from tests.client_helpers import Collector
 from bayling.model_repository.engine_ct2 import Ct2Engine, EngineRequest
-
-
-class Collector:
-    def __init__(self):
-        self.emissions, self.done = [], threading.Event()
-
-    def __call__(self, emission):
-        self.emissions.append(emission)
-        if emission.final:
-            self.done.set()
-
-    @property
-    def tokens(self):
-        return [t for e in self.emissions for t in e.token_ids]
-
-    def wait(self):
-        assert self.done.wait(60), "no final response"
-        return self
 
 
 @pytest.fixture(scope="module")

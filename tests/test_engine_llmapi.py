@@ -27,6 +27,7 @@ from bayling.build_engine.trtllm_release import release_options
 from bayling.errors import BaylingError, InvalidInput
 from bayling.manifest import ENGINE_SUBDIRS, read_manifest
 from bayling.model_repository import engine_io
+from tests.client_helpers import Collector
 from bayling.model_repository.engine_ct2 import EngineRequest
 from bayling.model_repository.engine_llmapi import (LlmApiEngine, LlmApiSettings, load_llm, sampling_kwargs,
                                                     token_log_probs)
@@ -35,26 +36,6 @@ from tests.conftest import ROOT, SCRIPT_SHOWN, bayling_cli
 
 API = release_options()["llm_api"]
 STANDIN = "tests.llmapi_standin:LLM"
-
-
-class Collector:
-    """The emissions one request's sink receives (as in tests/test_engine_ct2.py)."""
-
-    def __init__(self):
-        self.emissions, self.done = [], threading.Event()
-
-    def __call__(self, emission):
-        self.emissions.append(emission)
-        if emission.final:
-            self.done.set()
-
-    @property
-    def tokens(self):
-        return [t for e in self.emissions for t in e.token_ids]
-
-    def wait(self):
-        assert self.done.wait(60), "no final response"
-        return self
 
 
 def greedy(prompt, request_id="", **kw):
