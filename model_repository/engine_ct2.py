@@ -13,6 +13,13 @@ request carrying on from its prompt plus what it has generated so far (nothing i
 restart costs one prefill of those tokens, so it is skipped above `join_budget` tokens).
 Requests with other sampling settings wait for the next batch.
 
+With `lanes` above 1 there are that many batches at once, each on its own CTranslate2 worker (one
+copy of the weights; `inter_threads` = lanes): a newcomer starts a batch in an idle lane while fewer
+than `join_lanes` are busy (on a small model two single-threaded batches make more tokens/s on two
+cores than one batch on both), joins the smallest compatible running batch once that many are, and
+takes a spare lane when it can join none (a repetition penalty or `min_length`, other sampling
+settings), so that it does not wait for another request's whole answer. `_plan` is that rule.
+
 Responses leave from a `Relay` thread, never from the generation thread: each token is appended
 to its request's list and the relay sends what has piled up (one token at low load, several when
 sending is the bottleneck), and polls cancellation on a timer, so generation never waits for IPC.
@@ -125,9 +132,23 @@ LOAD_METRICS = {"waiting": ("bayling_engine_waiting_requests", "Requests waiting
 
 
 @dataclass(eq=False)
+class _Lane:
+    """One CTranslate2 batch slot: the batch it generates now (empty when idle)."""
+    index: int
+    batch: list = field(default_factory=list)
+    key: tuple | None = None
+    restartable: bool = False    # may stop at a step so that newcomers join (see `_generate`)
+    generating: bool = False
+
+    def live(self) -> list["_Active"]:
+        return [a for a in self.batch if not a.done]
+
+
+@dataclass(eq=False)
 class _Active:
     request: EngineRequest
     sink: Sink
+    key: tuple = ()          # request.batch_key(), computed once
     box: Outbox = None       # what the relay sends: generated[box.sent:box.length]
     generated: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
@@ -181,6 +202,12 @@ def joinable_min_length(request: EngineRequest) -> EngineRequest:
     return request
 
 
+def restartable(request: EngineRequest) -> bool:
+    """Can a batch of such requests stop at a step and go on from prompt + generated? Not with min_length or
+    a repetition penalty: CTranslate2 counts both from the start of a call (the penalty spares the prompt)."""
+    return request.min_length == 0 and request.repetition_penalty == 1.0 and not request.alone
+
+
 def seed32(seed: int) -> int:
     """TensorRT-LLM's seeds are 64-bit, CTranslate2's 32-bit: fold the halves together, so that every
     seed works and equal seeds sample alike (2**40 -> 256)."""
@@ -191,8 +218,8 @@ class Ct2Engine:
     """`compute_type="default"` runs an engine in the type it was built with (INT8 for `bayling build`'s
     default, float32 for a `--quantization float32` reference build)."""
 
-    def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, inter_threads: int = 1,
-                 compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096,
+    def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, lanes: int = 1,
+                 join_lanes: int = 0, compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096,
                  cancel_poll_s: float = 0.05, one_token_per_response: bool = False):
         import json
         from pathlib import Path
@@ -201,10 +228,12 @@ class Ct2Engine:
 
         self._ct2 = ctranslate2
         self._generator_options = dict(model_path=model_dir, device="cpu", compute_type=compute_type,
-                                       intra_threads=intra_threads, inter_threads=inter_threads)
+                                       intra_threads=intra_threads, inter_threads=lanes)
         self.generator = ctranslate2.Generator(**self._generator_options)
         self.vocabulary: list[str] = json.loads((Path(model_dir) / "vocabulary.json").read_text(encoding="utf-8"))
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size     # requests generating at once, in all lanes together
+        self.lanes = [_Lane(i) for i in range(lanes)]
+        self.join_lanes = min(lanes, join_lanes or lanes)
         self.gather_s = gather_ms / 1000         # a batch forms once no request came for this long ...
         self.gather_max_s = max(self.gather_s, 0.02)  # ... or this long after the first one waited
         self._last_arrival = 0.0
@@ -212,17 +241,20 @@ class Ct2Engine:
         self.one_token_per_response = one_token_per_response   # as TensorRT-LLM streams (benchmarks use it)
         self.restarts = 0
         self.reloads = 0    # generators created for seeded sampling
-        self._arrivals = 0  # submissions so far: a cheap "anything new?" check from the callback
+        self._changes = 0   # arrivals and lane changes so far: a cheap "anything new?" check from the callback
+        self._exclusive: _Lane | None = None  # the lane reloading the generator (seeded sampling) ...
+        self._exclusive_wanted = 0            # ... and how many lanes wait to: the others hold back meanwhile
         self._pending: deque[_Active] = deque()
         self._by_id: dict[str, _Active] = {}
         self._cond = threading.Condition()
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent CTranslate2 batch sizes (tests, metrics)
-        self.running: list[_Active] = []                   # the batch generating now (load())
         self.generated_tokens = 0
         self._running = True
         self.relay = Relay(poll_s=cancel_poll_s, name="ct2-relay")
-        self._thread = threading.Thread(target=self._loop, name="ct2-scheduler", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, args=(lane,), name=f"ct2-lane-{lane.index}", daemon=True)
+                         for lane in self.lanes]
+        for thread in self._threads:
+            thread.start()
 
     # --- the adapter's side
     def validate(self, request: EngineRequest) -> None:
@@ -235,16 +267,16 @@ class Ct2Engine:
     def submit(self, request: EngineRequest, sink: Sink, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         self.validate(request)
         request = joinable_min_length(request)
-        active = _Active(request, sink)
+        active = _Active(request, sink, key=request.batch_key())
         active.box = Outbox(lambda start, end, final: self._deliver(active, start, end, final), is_cancelled)
         self.relay.watch(active.box)
         with self._cond:
             if request.request_id:
                 self._by_id[request.request_id] = active
             self._pending.append(active)
-            self._arrivals += 1
+            self._changes += 1
             self._last_arrival = time.monotonic()
-            self._cond.notify()
+            self._cond.notify_all()
 
     def stop(self, request_id: str) -> None:
         """TensorRT-LLM's `stop` input: end the request with this id (it gets its final response)."""
@@ -256,42 +288,99 @@ class Ct2Engine:
     def shutdown(self) -> None:
         with self._cond:
             self._running = False
-            self._cond.notify()
-        self._thread.join(timeout=30)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
         self.relay.stop()
+
+    @property
+    def running(self) -> list[_Active]:
+        return [a for lane in self.lanes for a in lane.live()]
 
     def load(self, context: int) -> EngineLoad:
         """A snapshot for the load metrics (read from another thread, a few times a second)."""
-        running = [a for a in self.running if not a.done]
-        longest = max((len(a.request.input_ids) + len(a.generated) for a in running), default=0)
+        live = [lane.live() for lane in self.lanes]
+        running = sum(map(len, live))
+        held = sum(len(batch) * max((len(a.request.input_ids) + len(a.generated) for a in batch), default=0)
+                   for batch in live)   # each lane's cache is padded to its longest sequence
         capacity = max(1, self.max_batch_size * context)
-        return EngineLoad(waiting=len(self._pending), running=len(running),
-                          batch_occupancy=len(running) / self.max_batch_size,
-                          kv_cache_utilization=min(1.0, len(running) * longest / capacity))
+        return EngineLoad(waiting=len(self._pending), running=running,
+                          batch_occupancy=running / self.max_batch_size,
+                          kv_cache_utilization=min(1.0, held / capacity))
 
-    # --- the scheduler thread
-    def _loop(self) -> None:
+    # --- the scheduler: one thread per lane
+    def _loop(self, lane: _Lane) -> None:
+        carry: list[_Active] = []     # this lane's requests after it stopped for newcomers
         while True:
             with self._cond:
-                while self._running and not self._pending:
+                while self._running and (self._held_back(lane) or not (carry or self._plan()[1])):
                     self._cond.wait()
                 if not self._running:
-                    for active in self._pending:
+                    for active in [*carry, *self._pending]:
                         self._finish(active, error=RuntimeError("the server is shutting down"))
+                    self._pending.clear()
                     return
-            self._gather(time.monotonic())  # let requests that arrive together share the batch
-            batch = self._take_batch()
-            self.running = batch
-            if batch:
-                try:
-                    if self._run(batch):  # stopped to let newcomers join: carry on in front of the queue
-                        with self._cond:
-                            self._pending.extendleft(reversed([a for a in batch if not a.done]))
-                except Exception as exc:  # keep serving: fail this batch's requests, not the model
-                    log.exception("generation failed")
-                    for active in batch:
-                        if not active.done:
-                            self._finish(active, error=exc)
+            if not carry:
+                self._gather(time.monotonic())  # let requests that arrive together share the batch
+            with self._cond:
+                if self._held_back(lane):
+                    continue
+                batch, carry = self._take(lane, carry), []
+                if not batch:
+                    continue
+                lane.batch, lane.key, lane.restartable = batch, batch[0].key, restartable(batch[0].request)
+                lane.generating = True
+                self._changes += 1
+            try:
+                if self._run(lane, batch):  # stopped to let newcomers join: carry on with them
+                    carry = [a for a in batch if not a.done]
+            except Exception as exc:  # keep serving: fail this batch's requests, not the model
+                log.exception("generation failed")
+                for active in batch:
+                    if not active.done:
+                        self._finish(active, error=exc)
+            finally:
+                with self._cond:
+                    lane.generating = False
+                    if not carry:
+                        lane.batch, lane.key = [], None
+                    self._changes += 1
+                    self._cond.notify_all()
+
+    def _held_back(self, lane: _Lane) -> bool:
+        """Another lane reloads the generator (or waits to): start nothing meanwhile."""
+        return self._exclusive_wanted > 0 or self._exclusive not in (None, lane)
+
+    def _plan(self) -> tuple[dict[int, list[_Active]], list[_Active]]:
+        """Under the lock: which waiting requests join which running lane, and which start a batch of their
+        own in an idle lane. A newcomer joins the smallest compatible running batch once `join_lanes` lanes
+        are busy (or none is idle); otherwise, or when it can join none, it starts a batch."""
+        busy = [lane for lane in self.lanes if lane.batch]
+        idle = len(self.lanes) - len(busy)
+        load = {lane.index: len(lane.live()) for lane in busy}
+        total = sum(load.values())
+        joinable = [lane for lane in busy if lane.restartable and self._resume_tokens(lane) <= self.join_budget]
+        joins: dict[int, list[_Active]] = {}
+        opens: list[_Active] = []
+        for active in self._pending:
+            if total >= self.max_batch_size:
+                break
+            fits = [lane for lane in joinable if lane.key == active.key and load[lane.index] < self.max_batch_size]
+            if fits and (len(busy) >= self.join_lanes or not idle):
+                target = min(fits, key=lambda lane: load[lane.index])
+                joins.setdefault(target.index, []).append(active)
+                load[target.index] += 1
+            elif idle:
+                opens.append(active)
+            else:
+                continue
+            total += 1
+        return joins, opens
+
+    @staticmethod
+    def _resume_tokens(lane: _Lane) -> int:
+        """What restarting the lane's batch would prefill again."""
+        return sum(len(a.request.input_ids) + len(a.generated) for a in lane.live())
 
     def _settled(self, first_waiting: float) -> bool:
         """Have the requests arriving together all arrived? (None for `gather_s`, or waited long enough.)"""
@@ -302,24 +391,38 @@ class Ct2Engine:
         while not self._settled(first_waiting):
             time.sleep(self.gather_s / 4)
 
-    def _take_batch(self) -> list[_Active]:
-        with self._cond:
-            live = [a for a in self._pending if not a.cancelled]
-            for a in self._pending:
-                if a not in live:
-                    self._finish(a)
-            if not live:
-                self._pending.clear()
-                return []
-            key = live[0].request.batch_key()
-            limit = 1 if live[0].request.alone else self.max_batch_size
-            batch = [a for a in live if a.request.batch_key() == key][:limit]
-            self._pending = deque(a for a in live if a not in batch)
-            return batch
+    def _take(self, lane: _Lane, carry: list[_Active]) -> list[_Active]:
+        """Under the lock: the lane's next batch: what it carries on with plus the newcomers that join it,
+        or (idle) the first waiting request with its compatible followers, up to an even share of what
+        runs and waits over the join lanes (1 running + 15 arriving on 2 join lanes: this lane takes 8)."""
+        for active in [a for a in self._pending if a.cancelled]:
+            self._finish(active)
+        self._pending = deque(a for a in self._pending if not a.done)
+        joins, opens = self._plan()
+        if carry:
+            batch = carry + joins.get(lane.index, [])
+        elif not opens:
+            return []
+        elif opens[0].request.alone:
+            batch = opens[:1]
+        else:
+            same = [a for a in opens if a.key == opens[0].key]
+            running = sum(len(other.live()) for other in self.lanes)
+            batch = same[:-(-(running + len(same)) // self.join_lanes)]   # an even share; the rest join later
+        self._pending = deque(a for a in self._pending if a not in batch)
+        return batch
 
-    def _reseed(self, seed: int) -> None:
-        """Replace the generator by one whose worker starts from `seed` (see the module docstring).
-        The old one is released first, so the engine is never in memory twice."""
+    def _reseed(self, lane: _Lane, seed: int) -> None:
+        """Replace the generator by one whose workers start from `seed` (see the module docstring), while no
+        other lane generates. The old one is released first, so the engine is never in memory twice."""
+        with self._cond:
+            lane.generating = False
+            self._exclusive_wanted += 1
+            self._changes += 1       # restartable lanes stop at their next step (see `_run`)
+            while self._exclusive is not None or any(other.generating for other in self.lanes if other is not lane):
+                self._cond.wait()
+            self._exclusive, lane.generating = lane, True
+            self._exclusive_wanted -= 1
         self.generator = None
         try:
             self._ct2.set_random_seed(seed32(seed))
@@ -329,14 +432,20 @@ class Ct2Engine:
                 self.generator = self._ct2.Generator(**self._generator_options)
         self.reloads += 1
 
-    def _joinable(self, key: tuple, batch: list[_Active]) -> bool:
-        """Is a compatible request waiting, and is restarting the batch for it cheap enough?"""
+    def _release(self, lane: _Lane) -> None:
         with self._cond:
-            waiting = any(a.request.batch_key() == key for a in self._pending)
-        resume = sum(len(a.request.input_ids) + len(a.generated) for a in batch if not a.done)
-        return waiting and resume <= self.join_budget
+            if self._exclusive is lane:
+                self._exclusive = None
+                self._cond.notify_all()
 
-    def _run(self, batch: list[_Active]) -> bool:
+    def _should_yield(self, lane: _Lane) -> bool:
+        """Should the lane's batch stop at this step: newcomers join it, or another lane reloads?"""
+        with self._cond:
+            if self._exclusive_wanted:
+                return True
+            return lane.index in self._plan()[0] and self._resume_tokens(lane) <= self.join_budget
+
+    def _run(self, lane: _Lane, batch: list[_Active]) -> bool:
         """Generate for `batch`; True when it stopped early so that waiting requests can join."""
         self.batch_sizes.append(len(batch))
         first = batch[0].request
@@ -347,18 +456,23 @@ class Ct2Engine:
             engine_beam.run(self, batch[0])
             return False
         if first.random_seed is not None and not first.greedy:
-            self._reseed(int(first.random_seed))
+            self._reseed(lane, int(first.random_seed))
+            try:
+                return self._generate(lane, batch)
+            finally:
+                self._release(lane)
+        return self._generate(lane, batch)
+
+    def _generate(self, lane: _Lane, batch: list[_Active]) -> bool:
+        first = batch[0].request
         generator = self.generator
         vocab = self.vocabulary
-        key = first.batch_key()
-        # min_length and repetition penalty count tokens since the start of a call: no restarts then
-        can_join = (len(batch) < self.max_batch_size and first.min_length == 0 and first.repetition_penalty == 1.0
-                    and not first.alone)
+        can_join = lane.restartable
         # Generation logits come with CTranslate2's result, after the call: such a request (alone in its
         # call) answers once, at the end, so that its tokens keep the logits of the same decoding steps.
         with_logits = first.return_generation_logits
         finish = (lambda active: None) if with_logits else self._finish
-        arrivals = self._arrivals
+        changes = self._changes
         newcomer_seen = 0.0    # when an arrival was first noticed (restarts wait for the rest of a burst)
         restart = False
         options = dict(max_length=max(a.request.max_new_tokens - len(a.generated) for a in batch),
@@ -384,17 +498,17 @@ class Ct2Engine:
         options["max_length"] += max(forced)
 
         def on_token(step) -> bool:
-            nonlocal arrivals, restart, newcomer_seen
+            nonlocal changes, restart, newcomer_seen
             active = batch[step.batch_id]
             if active.done or restart:
                 return True  # (a restart regenerates this step's token)
             if step.step < forced[step.batch_id]:
                 return False   # a forced prompt step; CTranslate2 4.8 mostly skips them, numbering on
-            if can_join and self._arrivals != arrivals:
+            if can_join and self._changes != changes:
                 newcomer_seen = newcomer_seen or time.monotonic()
                 if self._settled(newcomer_seen):
-                    arrivals, newcomer_seen = self._arrivals, 0.0
-                    if self._joinable(key, batch):
+                    changes, newcomer_seen = self._changes, 0.0
+                    if self._should_yield(lane):
                         restart = True
                         self.restarts += 1
                         return True

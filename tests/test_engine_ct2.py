@@ -104,8 +104,10 @@ def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script,
     assert stopped.emissions[-1].final
 
 
-def test_sampling_with_a_seed_repeats_whatever_ran_before(default_engine, smol_tokenizer):
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]))
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_sampling_with_a_seed_repeats_whatever_ran_before(lanes, default_engine, smol_tokenizer):
+    """With two lanes, the reload waits for the other lane's batch, which stops and goes on after it."""
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=lanes)
     prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
                                                 add_generation_prompt=True)["input_ids"]
 
@@ -118,9 +120,14 @@ def test_sampling_with_a_seed_repeats_whatever_ran_before(default_engine, smol_t
     try:
         first = sample(1234)
         sample(None)  # unseeded sampling in between moves the shared random state
+        beside = Collector()
+        engine.submit(EngineRequest("", prompt, 80, end_id=-1, top_k=1, streaming=True), beside)
+        while len(beside.tokens) < 3:
+            beside.done.wait(0.01)
         assert sample(1234) == first and len(first) == 16
         assert sample(99) != first
         assert engine.reloads == 3, "seeded requests reload the engine, unseeded ones do not"
+        assert len(beside.wait().tokens) == 80
     finally:
         engine.shutdown()
         del engine.generator
@@ -193,6 +200,54 @@ def test_a_request_that_may_not_end_early_joins_a_running_batch(default_engine, 
         assert len(a.tokens) < 40 and engine.restarts > restarts, "the fixed-length request waited for the batch"
         a.wait()
         assert (len(a.tokens), len(b.tokens)) == (60, 5) and eos not in a.tokens + b.tokens
+    finally:
+        engine.shutdown()
+        del engine.generator
+
+
+def test_a_request_that_can_join_no_batch_takes_a_spare_lane(default_engine, smol_tokenizer):
+    """A repetition penalty counts from the start of a CTranslate2 call, so such a request cannot join a
+    running batch: with one lane it waited for A's whole answer; a spare lane starts it at once, and its
+    answer is the one it gets alone."""
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=2, join_lanes=1)
+    story = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
+                                               add_generation_prompt=True)["input_ids"]
+    hi = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
+                                            add_generation_prompt=True)["input_ids"]
+    try:
+        direct = engine.generator.generate_batch([[engine.vocabulary[t] for t in hi]], max_length=8,
+                                                 repetition_penalty=1.3, sampling_topk=1, end_token=[],
+                                                 include_prompt_in_result=False)[0].sequences_ids[0]
+        a, b = Collector(), Collector()
+        engine.submit(EngineRequest("", story, 80, end_id=-1, top_k=1, streaming=True), a)
+        while len(a.tokens) < 5:
+            a.done.wait(0.01)
+        engine.submit(EngineRequest("", hi, 8, end_id=-1, top_k=1, repetition_penalty=1.3), b)
+        assert b.wait().tokens == direct
+        assert len(a.tokens) < 60, "the penalised request waited for A's batch"
+        assert len(a.wait().tokens) == 80 and engine.restarts == 0
+    finally:
+        engine.shutdown()
+        del engine.generator
+
+
+def test_a_burst_is_shared_between_join_lanes_and_later_arrivals_join(default_engine, smol_tokenizer):
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=4, join_lanes=2,
+                       gather_ms=50)
+    prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
+                                                add_generation_prompt=True)["input_ids"]
+    try:
+        burst = [Collector() for _ in range(4)]
+        for out in burst:
+            engine.submit(EngineRequest("", prompt, 60, end_id=-1, top_k=1, streaming=True), out)
+        while not all(out.tokens for out in burst):
+            time.sleep(0.01)
+        assert sorted(len(lane.live()) for lane in engine.lanes) == [0, 0, 2, 2]
+        late = Collector()
+        engine.submit(EngineRequest("", prompt, 5, end_id=-1, top_k=1), late)
+        assert len(late.wait().tokens) == 5 and engine.restarts == 1   # joined a busy lane, no third batch
+        assert sorted(engine.batch_sizes)[-1] == 3
+        assert [len(out.wait().tokens) for out in burst] == [60] * 4
     finally:
         engine.shutdown()
         del engine.generator

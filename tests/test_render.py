@@ -130,6 +130,22 @@ def test_cpu_threads_follow_the_engine_size(default_engine, tmp_path):
     assert config.parameters["intra_threads"].string_value == "0"
 
 
+def test_cpu_engine_lanes_follow_the_cores_and_the_engine_size(default_engine, tmp_path):
+    from bayling.model_repository.render import RenderOptions, available_cores, engine_lanes_for
+
+    config = parse(render_repository(default_engine, tmp_path / "a") / "tensorrt_llm" / "config.pbtxt")
+    join = min(4, available_cores())
+    assert (config.parameters["lanes"].string_value, config.parameters["join_lanes"].string_value) == \
+        (str(2 * join), str(join))   # small: one batch per core, as many spare lanes
+    manifest = read_manifest(default_engine)
+    large = dataclasses.replace(manifest, sizes={"ctranslate2": 26 << 30})
+    assert engine_lanes_for(large, RenderOptions(), 32) == (1, 1)
+    assert engine_lanes_for(manifest, RenderOptions(engine_lanes=3), 16) == (3, 3)  # join lanes never exceed lanes
+    config = parse(render_repository(default_engine, tmp_path / "b", RenderOptions(engine_lanes=1))
+                   / "tensorrt_llm" / "config.pbtxt")
+    assert config.parameters["lanes"].string_value == "1"
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_decoupled_false_renders_nvidia_s_unary_deployment(variant, default_engine, gpu_engine, tmp_path):
     from bayling.model_repository.render import RenderOptions

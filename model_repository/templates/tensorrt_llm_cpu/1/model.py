@@ -24,6 +24,7 @@ class TritonPythonModel:
         self.engine = Ct2Engine(str(Path(params["engine_dir"]) / ENGINE_SUBDIRS["ctranslate2"]),
                                 max_batch_size=int(params["max_batch_size"]),
                                 intra_threads=int(params["intra_threads"]),
+                                lanes=int(params["lanes"]), join_lanes=int(params["join_lanes"]),
                                 one_token_per_response=params["one_token_per_response"] == "true")
         self.exclude_input = params["exclude_input_in_output"] == "true"
         # Unary (NVIDIA's decoupled_mode false): each request gets exactly one response, sent final
