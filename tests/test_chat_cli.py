@@ -178,7 +178,7 @@ def test_piped_input_prints_plain_streamed_text(default_server):
                           "--temperature", "0", "--max-tokens", "16"],
                          input="What is the capital of France?\n", capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "The capital of France is Paris." in out.stdout
+    assert "Paris" in out.stdout   # greedy wording varies with the CPU's arithmetic ("Paris." / "Paris, France.")
     assert "\x1b[" not in out.stdout and out.stdout.rstrip().endswith("bye")
 
 

@@ -157,13 +157,19 @@ def test_log_probs_pass_through_the_ensemble_and_are_ctranslate2_s(default_serve
     per_token, cum = response["output_log_probs"], response["cum_log_probs"]
     assert per_token.shape == (1, 1, 8) and cum.shape == (1, 1)      # [batch, beam, tokens], [batch, beam]
     assert np.all(per_token <= 0) and np.isclose(cum.sum(), per_token.sum(), atol=1e-4)
-    # the same log probs as CTranslate2 scoring the prompt and answer in-process
+    # the same log probs as CTranslate2 generating in-process (the log prob of each step), and close to
+    # it scoring the prompt and answer at once (a whole-sequence pass rounds INT8 differently: within 0.05
+    # on AVX-512 machines, 0.3 seen on an AVX2 one)
     prompt = smol_tokenizer.encode(PROMPTS[0])
-    engine = ctranslate2.Generator(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]))
+    # one thread, as the server's small engine: other splits of the sums may change greedy choices
+    engine = ctranslate2.Generator(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
+    steps = []
     answer = engine.generate_batch([smol_tokenizer.convert_ids_to_tokens(prompt)], max_length=8, sampling_topk=1,
-                                   include_prompt_in_result=False, end_token=[])[0].sequences_ids[0]
+                                   include_prompt_in_result=False, end_token=[], return_scores=True,
+                                   callback=lambda step: steps.append(step.log_prob) and False)[0].sequences_ids[0]
+    assert np.allclose(per_token.reshape(-1), steps, atol=1e-3)
     scored = engine.score_batch([smol_tokenizer.convert_ids_to_tokens(prompt + answer)])[0].log_probs[-8:]
-    assert np.allclose(per_token.reshape(-1), scored, atol=0.05)
+    assert np.allclose(per_token.reshape(-1), scored, atol=0.5)
     assert texts(response["text_output"]) == [smol_tokenizer.decode(answer)]
 
 
@@ -199,7 +205,8 @@ def test_tensorrt_llm_bls_streams_exact_text(default_server):
     streamed = [t for r in pieces for t in texts(r["text_output"])]
     assert len(streamed) > 2
     assert "".join(streamed) == texts(whole[0]["text_output"])[0]
-    assert "\ufffd" not in "".join(streamed) and any("\u4e00" <= ch <= "\u9fff" for ch in "".join(streamed))
+    # no character split inside the stream (an answer cut by max_tokens may end in half of one)
+    assert "\ufffd" not in "".join(streamed).rstrip("\ufffd") and any("\u4e00" <= ch <= "\u9fff" for ch in "".join(streamed))
 
 
 # --- the non-decoupled deployment (bayling serve --decoupled false)
