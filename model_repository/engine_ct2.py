@@ -136,12 +136,19 @@ class _Lane:
     """One CTranslate2 batch slot: the batch it generates now (empty when idle)."""
     index: int
     batch: list = field(default_factory=list)
-    key: tuple | None = None
-    restartable: bool = False    # may stop at a step so that newcomers join (see `_generate`)
     generating: bool = False
 
     def live(self) -> list["_Active"]:
         return [a for a in self.batch if not a.done]
+
+    @property
+    def key(self) -> tuple | None:
+        return self.batch[0].key if self.batch else None
+
+    @property
+    def restartable(self) -> bool:
+        """May its batch stop at a step so that newcomers join? (see `_generate`)"""
+        return bool(self.batch) and restartable(self.batch[0].request)
 
 
 @dataclass(eq=False)
@@ -328,8 +335,7 @@ class Ct2Engine:
                 batch, carry = self._take(lane, carry), []
                 if not batch:
                     continue
-                lane.batch, lane.key, lane.restartable = batch, batch[0].key, restartable(batch[0].request)
-                lane.generating = True
+                lane.batch, lane.generating = batch, True
                 self._changes += 1
             try:
                 if self._run(lane, batch):  # stopped to let newcomers join: carry on with them
@@ -343,7 +349,7 @@ class Ct2Engine:
                 with self._cond:
                     lane.generating = False
                     if not carry:
-                        lane.batch, lane.key = [], None
+                        lane.batch = []
                     self._changes += 1
                     self._cond.notify_all()
 
@@ -418,7 +424,7 @@ class Ct2Engine:
         with self._cond:
             lane.generating = False
             self._exclusive_wanted += 1
-            self._changes += 1       # restartable lanes stop at their next step (see `_run`)
+            self._changes += 1       # restartable lanes stop at their next step (see `_generate`)
             while self._exclusive is not None or any(other.generating for other in self.lanes if other is not lane):
                 self._cond.wait()
             self._exclusive, lane.generating = lane, True
@@ -441,9 +447,7 @@ class Ct2Engine:
     def _should_yield(self, lane: _Lane) -> bool:
         """Should the lane's batch stop at this step: newcomers join it, or another lane reloads?"""
         with self._cond:
-            if self._exclusive_wanted:
-                return True
-            return lane.index in self._plan()[0] and self._resume_tokens(lane) <= self.join_budget
+            return bool(self._exclusive_wanted) or lane.index in self._plan()[0]   # (the plan applies join_budget)
 
     def _run(self, lane: _Lane, batch: list[_Active]) -> bool:
         """Generate for `batch`; True when it stopped early so that waiting requests can join."""
