@@ -9,15 +9,18 @@ cancellation) through the per-token callback, while the rest of its batch goes o
 CTranslate2 batches are static (a batch runs until its last member ends). So that a request
 arriving while a batch runs does not wait for the whole batch, a compatible newcomer joins
 it: the running batch stops at its next step and restarts with the newcomer, each running
-request carrying on from its prompt plus what it has generated so far (nothing is lost; the
-restart costs one prefill of those tokens, so it is skipped above `join_budget` tokens).
-Requests with other sampling settings wait for the next batch.
+request carrying on from its prompt plus what it has generated so far (nothing is lost). The
+restart costs a prefill of those tokens (skipped above `join_budget` tokens), and more: CTranslate2
+forwards a batch's prompts at once only up to the shortest, and forces the rest one decoding step at
+a time, so a newcomer joining answers 120 tokens along stalls them for 120 steps. Such a join is
+taken only when no lane is idle (`join_steps`). Requests with other sampling settings wait for the
+next batch.
 
 With `lanes` above 1 there are that many batches at once, each on its own CTranslate2 worker (one
 copy of the weights; `inter_threads` = lanes): a newcomer starts a batch in an idle lane while fewer
 than `join_lanes` are busy (on a small model two single-threaded batches make more tokens/s on two
-cores than one batch on both), joins the smallest compatible running batch once that many are, and
-takes a spare lane when it can join none (a repetition penalty or `min_length`, other sampling
+cores than one batch on both), joins the compatible running batch it costs the fewest forced steps
+once that many are (or starts its own where every join would stall a batch), and takes a spare lane when it can join none (a repetition penalty or `min_length`, other sampling
 settings), so that it does not wait for another request's whole answer. `_plan` is that rule.
 
 Responses leave from a `Relay` thread, never from the generation thread: each token is appended
@@ -215,6 +218,18 @@ def restartable(request: EngineRequest) -> bool:
     return request.min_length == 0 and request.repetition_penalty == 1.0 and not request.alone
 
 
+def _lengths(batch: list["_Active"]) -> tuple[int, int]:
+    lengths = [len(a.request.input_ids) + len(a.generated) for a in batch] or [0]
+    return min(lengths), max(lengths)
+
+
+def _forced_steps(span: tuple[int, int], prompt: int) -> int:
+    """Steps a restarted batch spends forcing prompts rather than generating, once a newcomer with this
+    prompt joins: CTranslate2 forwards all prompts at once only up to the shortest."""
+    low, high = span
+    return max(high, prompt) - min(low, prompt)
+
+
 def seed32(seed: int) -> int:
     """TensorRT-LLM's seeds are 64-bit, CTranslate2's 32-bit: fold the halves together, so that every
     seed works and equal seeds sample alike (2**40 -> 256)."""
@@ -227,6 +242,7 @@ class Ct2Engine:
 
     def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, lanes: int = 1,
                  join_lanes: int = 0, compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096,
+                 join_steps: int = 16,
                  cancel_poll_s: float = 0.05, one_token_per_response: bool = False):
         import json
         from pathlib import Path
@@ -245,6 +261,7 @@ class Ct2Engine:
         self.gather_max_s = max(self.gather_s, 0.02)  # ... or this long after the first one waited
         self._last_arrival = 0.0
         self.join_budget = join_budget
+        self.join_steps = join_steps   # forced steps a join may cost while an idle lane could start it instead
         self.one_token_per_response = one_token_per_response   # as TensorRT-LLM streams (benchmarks use it)
         self.restarts = 0
         self.reloads = 0    # generators created for seeded sampling
@@ -359,11 +376,16 @@ class Ct2Engine:
 
     def _plan(self) -> tuple[dict[int, list[_Active]], list[_Active]]:
         """Under the lock: which waiting requests join which running lane, and which start a batch of their
-        own in an idle lane. A newcomer joins the smallest compatible running batch once `join_lanes` lanes
-        are busy (or none is idle); otherwise, or when it can join none, it starts a batch."""
+        own in an idle lane. While fewer than `join_lanes` lanes are busy a newcomer starts a batch; then it
+        joins the compatible running batch it costs the fewest forced steps (see `_generate`), if at most
+        `join_steps`; else it starts a batch in an idle lane; with none idle it joins whichever is cheapest.
+        A request that can join no batch takes an idle lane. Worked example, 64-token prompts, `join_steps`
+        16: a lane 5 tokens into its answers takes a newcomer for 5 forced steps; one 120 tokens in would
+        stall 120 steps, so the newcomer starts in an idle lane instead."""
         busy = [lane for lane in self.lanes if lane.batch]
         idle = len(self.lanes) - len(busy)
         load = {lane.index: len(lane.live()) for lane in busy}
+        spans = {lane.index: _lengths(lane.live()) for lane in busy}   # (shortest, longest) prompt + generated
         total = sum(load.values())
         joinable = [lane for lane in busy if lane.restartable and self._resume_tokens(lane) <= self.join_budget]
         joins: dict[int, list[_Active]] = {}
@@ -371,11 +393,16 @@ class Ct2Engine:
         for active in self._pending:
             if total >= self.max_batch_size:
                 break
-            fits = [lane for lane in joinable if lane.key == active.key and load[lane.index] < self.max_batch_size]
-            if fits and (len(busy) >= self.join_lanes or not idle):
-                target = min(fits, key=lambda lane: load[lane.index])
-                joins.setdefault(target.index, []).append(active)
-                load[target.index] += 1
+            n = len(active.request.input_ids)
+            cost = {lane.index: _forced_steps(spans[lane.index], n) for lane in joinable
+                    if lane.key == active.key and load[lane.index] < self.max_batch_size}
+            cheap = [i for i, steps in cost.items() if steps <= self.join_steps]
+            if cost and len(busy) >= self.join_lanes and (cheap or not idle):
+                target = min(cheap or cost, key=lambda i: (cost[i], load[i]))
+                joins.setdefault(target, []).append(active)
+                load[target] += 1
+                low, high = spans[target]
+                spans[target] = (min(low, n), max(high, n))
             elif idle:
                 opens.append(active)
             else:

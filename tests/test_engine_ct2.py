@@ -253,6 +253,33 @@ def test_a_burst_is_shared_between_join_lanes_and_later_arrivals_join(default_en
         del engine.generator
 
 
+def test_a_newcomer_starts_its_own_batch_rather_than_stall_one_far_into_its_answers(default_engine,
+                                                                                    smol_tokenizer):
+    """Joining a batch 40 tokens into its answers would force 40 steps on it (CTranslate2 forwards prompts
+    at once only up to the shortest): with a lane idle, the newcomer starts there, nobody restarts, and
+    each answer is the one it gets alone."""
+    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=2, join_lanes=1,
+                       join_steps=16)
+    prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
+                                                add_generation_prompt=True)["input_ids"]
+    try:
+        alone = Collector()
+        engine.submit(EngineRequest("", prompt, 12, end_id=-1, top_k=1), alone)
+        alone.wait()
+        a, b = Collector(), Collector()
+        engine.submit(EngineRequest("", prompt, 120, end_id=-1, top_k=1, streaming=True), a)
+        while len(a.tokens) < 40:
+            a.done.wait(0.01)
+        engine.submit(EngineRequest("", prompt, 12, end_id=-1, top_k=1), b)
+        assert b.wait().tokens == alone.tokens
+        assert len(a.tokens) < 120, "the newcomer waited for the running batch"
+        assert len(a.wait().tokens) == 120 and engine.restarts == 0
+        assert sorted(engine.batch_sizes) == [1, 1, 1]
+    finally:
+        engine.shutdown()
+        del engine.generator
+
+
 def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, prompt_and_script):
     prompt, script = prompt_and_script
     engine = Ct2Engine(str(scripted_engine / ENGINE_SUBDIRS["ctranslate2"]), one_token_per_response=True)
