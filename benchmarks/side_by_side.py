@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,8 +111,9 @@ def command_version(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"{argv[0]} does not run: {exc}") from None
-    text = (done.stdout + done.stderr).strip().splitlines()
-    return text[-1].strip() if text else "unknown"
+    lines = [line.strip() for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()]
+    versions = [line for line in lines if re.match(r"(version\b|v?\d+\.\d+)", line, re.IGNORECASE)]
+    return (versions or lines or ["unknown"])[0]    # warnings may come after (vLLM's) or before it
 
 
 def start_bayling(engine: Path, run_dir: Path, lanes: int | None = None) -> Peer:
@@ -159,7 +161,7 @@ def start_vllm(vllm: str, model: Path, logs: Path) -> Peer:
     version = command_version([vllm, "--version"])
     port = free_port()
     argv = [vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-            "--max-model-len", "2048"]
+            "--max-model-len", "2048", "--gpu-memory-utilization", "0.3"]   # on CPU: the share of RAM it reserves
     return start_process("vllm", f"vLLM {version}", argv, port, "/v1/models", logs / "vllm.log")
 
 
