@@ -254,8 +254,6 @@ class Ct2Engine:
                                        intra_threads=intra_threads, inter_threads=lanes)
         self.generator = ctranslate2.Generator(**self._generator_options)
         self.vocabulary: list[str] = json.loads((Path(model_dir) / "vocabulary.json").read_text(encoding="utf-8"))
-        if lanes > 1:
-            self._warm_workers(lanes)
         self.max_batch_size = max_batch_size     # requests generating at once, in all lanes together
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.join_lanes = min(lanes, join_lanes or lanes)
@@ -281,18 +279,6 @@ class Ct2Engine:
                          for lane in self.lanes]
         for thread in self._threads:
             thread.start()
-
-    def _warm_workers(self, workers: int, prompt_tokens: int = 128) -> None:
-        """One short call on every CTranslate2 worker at once: a worker's first call is slow (its buffers),
-        and with several workers the first few requests would each meet a cold one (measured on the default
-        model, 100-token prompts one after another on 4 workers: 140, 101, 103, 119, then 75-80 ms; warmed,
-        67-81 ms from the first)."""
-        prompt = [self.vocabulary[min(2, len(self.vocabulary) - 1)]] * prompt_tokens
-        calls = [self.generator.generate_batch([prompt], max_length=1, sampling_topk=1, end_token=[],
-                                               include_prompt_in_result=False, asynchronous=True)
-                 for _ in range(workers)]
-        for call in calls:
-            call[0].result()
 
     # --- the adapter's side
     def validate(self, request: EngineRequest) -> None:
