@@ -12,16 +12,17 @@ it: the running batch stops at its next step and restarts with the newcomer, eac
 request carrying on from its prompt plus what it has generated so far (nothing is lost). The
 restart costs a prefill of those tokens (skipped above `join_budget` tokens), and more: CTranslate2
 forwards a batch's prompts at once only up to the shortest, and forces the rest one decoding step at
-a time, so a newcomer joining answers 120 tokens along stalls them for 120 steps. Such a join is
-taken only when no lane is idle (`join_steps`). Requests with other sampling settings wait for the
-next batch.
+a time, so a newcomer joining answers 120 tokens along stalls them for 120 steps. A join that
+forces more than `join_steps` steps is taken only when no lane is idle. Requests with other sampling
+settings wait for the next batch.
 
 With `lanes` above 1 there are that many batches at once, each on its own CTranslate2 worker (one
 copy of the weights; `inter_threads` = lanes): a newcomer starts a batch in an idle lane while fewer
 than `join_lanes` are busy (on a small model two single-threaded batches make more tokens/s on two
 cores than one batch on both), joins the compatible running batch it costs the fewest forced steps
-once that many are (or starts its own where every join would stall a batch), and takes a spare lane when it can join none (a repetition penalty or `min_length`, other sampling
-settings), so that it does not wait for another request's whole answer. `_plan` is that rule.
+once that many are (or starts its own where every join would stall a batch), and takes a spare lane
+when it can join none (a repetition penalty or `min_length`, other sampling settings), so that it
+does not wait for another request's whole answer. `_plan` is that rule.
 
 Responses leave from a `Relay` thread, never from the generation thread: each token is appended
 to its request's list and the relay sends what has piled up (one token at low load, several when
@@ -173,6 +174,11 @@ class _Active:
     def cancelled(self) -> bool:
         return self.stop_requested or self.box.cancelled
 
+    @property
+    def length(self) -> int:
+        """Prompt plus generated tokens: what a restart forwards again, and what its cache holds."""
+        return len(self.request.input_ids) + len(self.generated)
+
 
 def ends_with_stop_word(generated: list[int], stop_words: list[list[int]]) -> bool:
     """Do the generated ids end with one of the stop words? ([5, 7, 9], [[7, 9]] -> True)"""
@@ -219,7 +225,7 @@ def restartable(request: EngineRequest) -> bool:
 
 
 def _lengths(batch: list["_Active"]) -> tuple[int, int]:
-    lengths = [len(a.request.input_ids) + len(a.generated) for a in batch] or [0]
+    lengths = [a.length for a in batch] or [0]
     return min(lengths), max(lengths)
 
 
@@ -242,8 +248,7 @@ class Ct2Engine:
 
     def __init__(self, model_dir: str, *, max_batch_size: int = 16, intra_threads: int = 0, lanes: int = 1,
                  join_lanes: int = 0, compute_type: str = "default", gather_ms: float = 2.0, join_budget: int = 4096,
-                 join_steps: int = 16,
-                 cancel_poll_s: float = 0.05, one_token_per_response: bool = False):
+                 join_steps: int = 16, cancel_poll_s: float = 0.05, one_token_per_response: bool = False):
         import json
         from pathlib import Path
 
@@ -325,7 +330,7 @@ class Ct2Engine:
         """A snapshot for the load metrics (read from another thread, a few times a second)."""
         live = [lane.live() for lane in self.lanes]
         running = sum(map(len, live))
-        held = sum(len(batch) * max((len(a.request.input_ids) + len(a.generated) for a in batch), default=0)
+        held = sum(len(batch) * max((a.length for a in batch), default=0)
                    for batch in live)   # each lane's cache is padded to its longest sequence
         capacity = max(1, self.max_batch_size * context)
         return EngineLoad(waiting=len(self._pending), running=running,
@@ -413,7 +418,7 @@ class Ct2Engine:
     @staticmethod
     def _resume_tokens(lane: _Lane) -> int:
         """What restarting the lane's batch would prefill again."""
-        return sum(len(a.request.input_ids) + len(a.generated) for a in lane.live())
+        return sum(a.length for a in lane.live())
 
     def _settled(self, first_waiting: float) -> bool:
         """Have the requests arriving together all arrived? (None for `gather_s`, or waited long enough.)"""
@@ -524,7 +529,7 @@ class Ct2Engine:
         # CTranslate2 forwards prompts at once only up to the shortest one in the batch; the rest of a
         # longer prompt is forced step by step: those steps are numbered (a longer prompt's first generated
         # token is step `forced`) and, where they reach the callback at all, are not generated tokens.
-        prompts = [len(a.request.input_ids) + len(a.generated) for a in batch]
+        prompts = [a.length for a in batch]
         forced = [n - min(prompts) for n in prompts]
         options["max_length"] += max(forced)
 
