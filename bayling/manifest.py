@@ -6,7 +6,8 @@ An engine folder looks the same for both targets::
       manifest.json        this file's EngineManifest, written last (its presence means complete)
       tokenizer/           Hugging Face tokenizer files (chat template included)
       chat_template.jinja  the chat template the server applies to `messages`
-      ctranslate2/         the CPU INT8 engine            (engine == "ctranslate2")
+      llamacpp/model.gguf  the CPU INT8 engine, llama.cpp Q8_0 (engine == "llamacpp")
+      ctranslate2/         the CPU INT8 engine, CTranslate2 (engine == "ctranslate2")
       trtllm/              the TensorRT-LLM engine(s)     (engine == "tensorrt_llm")
       llmapi/              a Model Optimizer checkpoint and llm_api.json, for TensorRT-LLM's LLM API
                                                           (engine == "tensorrt_llm_llmapi")
@@ -26,13 +27,14 @@ from bayling.files import write_atomically
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
-ENGINE_SUBDIRS = {"ctranslate2": "ctranslate2", "tensorrt_llm": "trtllm", "tensorrt_llm_llmapi": "llmapi"}
+ENGINE_SUBDIRS = {"ctranslate2": "ctranslate2", "llamacpp": "llamacpp", "tensorrt_llm": "trtllm",
+                  "tensorrt_llm_llmapi": "llmapi"}
 FORMAT_VERSION = 1
 
 
 @dataclass
 class EngineManifest:
-    engine: str                      # "ctranslate2", "tensorrt_llm" or "tensorrt_llm_llmapi"
+    engine: str                      # "llamacpp", "ctranslate2", "tensorrt_llm" or "tensorrt_llm_llmapi"
     model_name: str                  # shown to users, e.g. "BayLing-13B-v1.1"
     template: str                    # "bayling", "bayling-3" or "hf"
     placeholders: bool               # replace BayLing's model-card placeholders in outputs

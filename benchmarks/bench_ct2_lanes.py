@@ -46,10 +46,11 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", type=Path, default=None, help="engine folder (default: the embedded default's)")
+    parser.add_argument("--engine", type=Path, default=None, help="CTranslate2 engine folder (default: the embedded "
+                        "default's, bayling build --default --target cpu-ct2)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence (default 128)")
     args = parser.parse_args()
-    engine = args.engine or default_engine_dir()
+    engine = args.engine or default_engine_dir("cpu-ct2")
     print("| intra threads | workers | calls x batch | tokens/s | CPU s / 1k tokens | RSS MiB |")
     print("|---|---|---|---|---|---|")
     for layout in LAYOUTS:

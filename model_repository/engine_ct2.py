@@ -242,7 +242,52 @@ def seed32(seed: int) -> int:
     return (seed ^ (seed >> 32)) & 0xFFFFFFFF
 
 
-class Ct2Engine:
+class ResponsesMixin:
+    """What the CPU engines share on the response side: `stop` by request id, and the relay's delivery of a
+    request's tokens. Needs `relay`, `one_token_per_response`, `_cond` and `_by_id` (request id -> active)."""
+
+    def _watch(self, active: _Active, is_cancelled: Callable[[], bool]) -> None:
+        active.box = Outbox(lambda start, end, final: self._deliver(active, start, end, final), is_cancelled)
+        self.relay.watch(active.box)
+
+    def stop(self, request_id: str) -> None:
+        """TensorRT-LLM's `stop` input: end the request with this id (it gets its final response)."""
+        with self._cond:
+            active = self._by_id.get(request_id)
+            if active is not None:
+                active.stop_requested = True
+
+    def _deliver(self, active: _Active, start: int, end: int, final: bool) -> None:
+        """In the relay thread: one response with the tokens [start, end) (or one per token)."""
+        try:
+            if self.one_token_per_response and active.request.streaming:
+                for i in range(start, end - 1 if final else end):
+                    active.sink(Emission(active.generated[i:i + 1], active.log_probs[i:i + 1], False,
+                                         logits=active.logits[i:i + 1] or None))
+                start = max(start, end - 1) if final else end
+                if not final:
+                    return
+            active.sink(Emission(active.generated[start:end], active.log_probs[start:end], final,
+                                 active.error if final else None, active.logits[start:end] or None,
+                                 active.beams if final else None))
+        except Exception:  # typically the client went away: stop generating for it (the relay closes it)
+            active.done = True
+            raise
+
+    def _finish(self, active: _Active, error: Exception | None = None) -> None:
+        if active.done:
+            return
+        active.error = error
+        active.done = True
+        active.box.length = len(active.generated)
+        active.box.final = True
+        self.relay.wake(active.box)
+        with self._cond:
+            if self._by_id.get(active.request.request_id) is active:
+                del self._by_id[active.request.request_id]
+
+
+class Ct2Engine(ResponsesMixin):
     """`compute_type="default"` runs an engine in the type it was built with (INT8 for `bayling build`'s
     default, float32 for a `--quantization float32` reference build)."""
 
@@ -297,8 +342,7 @@ class Ct2Engine:
         self.validate(request)
         request = joinable_min_length(request)
         active = _Active(request, sink, key=request.batch_key())
-        active.box = Outbox(lambda start, end, final: self._deliver(active, start, end, final), is_cancelled)
-        self.relay.watch(active.box)
+        self._watch(active, is_cancelled)
         with self._cond:
             if request.request_id:
                 self._by_id[request.request_id] = active
@@ -306,13 +350,6 @@ class Ct2Engine:
             self._changes += 1
             self._last_arrival = time.monotonic()
             self._cond.notify_all()
-
-    def stop(self, request_id: str) -> None:
-        """TensorRT-LLM's `stop` input: end the request with this id (it gets its final response)."""
-        with self._cond:
-            active = self._by_id.get(request_id)
-            if active is not None:
-                active.stop_requested = True
 
     def shutdown(self) -> None:
         with self._cond:
@@ -575,33 +612,3 @@ class Ct2Engine:
             if not active.done:
                 self._finish(active)
         return False
-
-    def _deliver(self, active: _Active, start: int, end: int, final: bool) -> None:
-        """In the relay thread: one response with the tokens [start, end) (or one per token)."""
-        try:
-            if self.one_token_per_response and active.request.streaming:
-                for i in range(start, end - 1 if final else end):
-                    active.sink(Emission(active.generated[i:i + 1], active.log_probs[i:i + 1], False,
-                                         logits=active.logits[i:i + 1] or None))
-                start = max(start, end - 1) if final else end
-                if not final:
-                    return
-            active.sink(Emission(active.generated[start:end], active.log_probs[start:end], final,
-                                 active.error if final else None, active.logits[start:end] or None,
-                                 active.beams if final else None))
-        except Exception:  # typically the client went away: stop generating for it (the relay closes it)
-            active.done = True
-            raise
-
-    def _finish(self, active: _Active, error: Exception | None = None) -> None:
-        if active.done:
-            return
-        active.error = error
-        active.done = True
-        active.box.length = len(active.generated)
-        active.box.final = True
-        self.relay.wake(active.box)
-        with self._cond:
-            if self._by_id.get(active.request.request_id) is active:
-                del self._by_id[active.request.request_id]
-

@@ -68,9 +68,9 @@ def output_token_ids(outputs: dict[str, np.ndarray]) -> list[int]:
 
 
 class Entry:
-    def __init__(self, text_ctx: EngineText):
+    def __init__(self, text_ctx: EngineText, max_context: int | None = None):
         self.text = text_ctx
-        self.max_context = text_ctx.manifest.max_context
+        self.max_context = max_context or text_ctx.manifest.max_context   # what the engine serves per request
         self.engine_decoupled = True    # false: tensorrt_llm answers each request in one response
         self.token_texts: TokenTexts | None = None    # made at the first request asking for logprobs
 

@@ -35,7 +35,7 @@ MODELS = ("preprocessing", contract.ENGINE_MODEL, "postprocessing", contract.ENS
 class RenderOptions:
     max_batch_size: int = 16        # requests batched together by the engine model
     max_concurrency: int = 64       # requests each `bayling` instance serves at once
-    cpu_threads: int | None = None  # CTranslate2 threads per batch (None: by engine size; 0: all cores)
+    cpu_threads: int | None = None  # CPU engine threads (None: llama.cpp all cores, CTranslate2 by size; 0: all)
     entry_instances: int | None = None  # `bayling` model processes (None: from the cores, see text_instances_for)
     text_instances: int | None = None   # `preprocessing` / `postprocessing` processes (None: likewise)
     one_token_per_response: bool = False  # CPU engine: stream each token alone, as TensorRT-LLM does
@@ -43,6 +43,7 @@ class RenderOptions:
                                     # decoupled_mode; false: one response per request (unary ModelInfer)
     engine_lanes: int | None = None  # CPU engine: batches generating at once (None: from engine size and cores)
     join_lanes: int | None = None    # lanes busy before newcomers join running batches instead (see engine_ct2)
+    kv_cache_tokens: int | None = None  # llama.cpp: KV cache of all sequences together (None: 2048 per sequence)
 
 
 def available_cores() -> int:
@@ -74,11 +75,13 @@ SMALL_ENGINE_BYTES = 1 << 30
 
 
 def cpu_threads_for(manifest: EngineManifest, requested: int | None) -> int:
-    """Small engines generate fastest on one thread (the work per step is too small to split;
-    measured 297 vs 151 tokens/s at batch 8 for the 135M default model on 2 cores); large ones
-    use every core (0)."""
+    """llama.cpp runs one batch on every core (0). CTranslate2: small engines generate fastest on one thread
+    (the work per step is too small to split; measured 297 vs 151 tokens/s at batch 8 for the 135M default
+    model on 2 cores); large ones use every core (0)."""
     if requested is not None:
         return requested
+    if manifest.engine != "ctranslate2":   # llama.cpp: one batch on every core (0)
+        return 0
     return 1 if manifest.sizes.get("ctranslate2", SMALL_ENGINE_BYTES) < SMALL_ENGINE_BYTES else 0
 
 
@@ -93,8 +96,23 @@ def engine_lanes_for(manifest: EngineManifest, options: RenderOptions, cores: in
     return lanes, min(join, lanes)
 
 
+KV_TOKENS_PER_SEQUENCE = 2048
+
+
+def served_context(manifest: EngineManifest, options: RenderOptions) -> int:
+    """Tokens one request may use, prompt and answer together. llama.cpp gives each of the max_batch_size
+    sequences its own slice of the KV cache (a cache shared by all makes every token attend over all of
+    them: 1.5x the step time at 200 tokens each, 2.4x at 1,000, measured on the default model), so the
+    slice is the context: 2,048 tokens by default (the default model's 8,192 for 16 sequences would hold
+    3 GiB of cache), or --kv-cache-tokens / --max-batch-size."""
+    if manifest.engine != "llamacpp":
+        return manifest.max_context
+    total = options.kv_cache_tokens or options.max_batch_size * KV_TOKENS_PER_SEQUENCE
+    return min(manifest.max_context, total // options.max_batch_size)
+
+
 def engine_variant(manifest: EngineManifest) -> str:
-    return {"ctranslate2": "cpu", "tensorrt_llm": "gpu", "tensorrt_llm_llmapi": "llmapi"}[manifest.engine]
+    return {"ctranslate2": "cpu", "llamacpp": "cpu", "tensorrt_llm": "gpu", "tensorrt_llm_llmapi": "llmapi"}[manifest.engine]
 
 
 def ensemble_scheduling() -> str:
@@ -175,7 +193,7 @@ def render_config(model: str, manifest: EngineManifest, engine_dir: Path, option
     values["text_instances"] = str(text_instances_for(options.text_instances, cores))
     values.update(engine_dir=str(engine_dir), io=contract.io_blocks(model), ensemble_scheduling=ensemble_scheduling(),
                   model_name=manifest.model_name.replace('"', "'"), engine=manifest.engine, template=manifest.template,
-                  max_context=str(manifest.max_context))
+                  max_context=str(served_context(manifest, options)))
     if name == "tensorrt_llm_gpu":
         values.update(gpu_values(manifest, engine_dir))
     elif name == "tensorrt_llm_llmapi":   # the LLM API's scheduler limit, as the build's planner chose it
@@ -225,7 +243,8 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
                         help=f"requests the bayling model serves at once (default {d.max_concurrency})")
     parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
-                        help="CTranslate2 threads per batch (0: all cores; default: 1 for engines under 1 GiB, else all)")
+                        help="CPU engine threads (0: all cores; default: all for llama.cpp; CTranslate2: 1 per "
+                             "batch for engines under 1 GiB, else all)")
     parser.add_argument("--entry-instances", type=int, default=d.entry_instances, metavar="N",
                         help="processes of the bayling model (default: one per 8 cores, 1 to 4)")
     parser.add_argument("--text-instances", type=int, default=d.text_instances, metavar="N",
@@ -238,6 +257,10 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
                              "for unary ModelInfer / HTTP infer clients such as NVIDIA's end_to_end_test.py "
                              "(NVIDIA's decoupled_mode)")
     _add_lane_options(parser)
+    parser.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                        help="llama.cpp CPU engine: KV cache tokens of all sequences together; each of the "
+                             f"--max-batch-size sequences gets N / that many, its context (default: "
+                             f"{KV_TOKENS_PER_SEQUENCE} each, at most the model's context)")
 
 
 def _add_lane_options(parser: argparse.ArgumentParser) -> None:
@@ -260,8 +283,9 @@ def _boolean(value: str) -> bool:
 def options_from(args: argparse.Namespace) -> RenderOptions:
     options = RenderOptions(args.max_batch_size, args.max_concurrency, args.cpu_threads, args.entry_instances,
                             args.text_instances, args.one_token_per_response, args.decoupled, args.engine_lanes,
-                            args.join_lanes)
-    for name in ("max_batch_size", "max_concurrency", "entry_instances", "text_instances", "engine_lanes", "join_lanes"):
+                            args.join_lanes, args.kv_cache_tokens)
+    for name in ("max_batch_size", "max_concurrency", "entry_instances", "text_instances", "engine_lanes", "join_lanes",
+                 "kv_cache_tokens"):
         value = getattr(options, name)
         if value is not None and value < 1:
             raise BaylingError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

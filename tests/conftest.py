@@ -59,15 +59,25 @@ def llama_tokenizer(llama_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
 
 
-@pytest.fixture(scope="session")
-def default_engine(cache_dir) -> Path:
-    """The embedded default model's CPU INT8 engine (`bayling build --default`), built once."""
+def _default_engine(target: str) -> Path:
     from bayling.paths import default_engine_dir
 
-    engine = default_engine_dir()
+    engine = default_engine_dir(target)
     if not (engine / "manifest.json").is_file():
-        bayling_cli("build", "--default")
+        bayling_cli("build", "--default", "--target", target)
     return engine
+
+
+@pytest.fixture(scope="session")
+def default_engine(cache_dir) -> Path:
+    """The embedded default model's CPU INT8 engine (`bayling build --default`: llama.cpp Q8_0), built once."""
+    return _default_engine("cpu")
+
+
+@pytest.fixture(scope="session")
+def default_ct2_engine(cache_dir) -> Path:
+    """The same model's CTranslate2 INT8 engine (`bayling build --default --target cpu-ct2`), built once."""
+    return _default_engine("cpu-ct2")
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +102,17 @@ def scripted_model_dir(tmp_path_factory, llama_tokenizer_dir, llama_tokenizer) -
 
 @pytest.fixture(scope="session")
 def scripted_engine(tmp_path_factory, scripted_model_dir) -> Path:
+    """The scripted model's default CPU engine (llama.cpp Q8_0)."""
     out = tmp_path_factory.mktemp("engines") / "tiny-bayling-scripted"
     bayling_cli("build", "--model", str(scripted_model_dir), "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def scripted_ct2_engine(tmp_path_factory, scripted_model_dir) -> Path:
+    """The scripted model's CTranslate2 INT8 engine."""
+    out = tmp_path_factory.mktemp("engines") / "tiny-bayling-scripted-ct2"
+    bayling_cli("build", "--model", str(scripted_model_dir), "--output", str(out), "--target", "cpu-ct2")
     return out
 
 
@@ -123,6 +142,14 @@ def default_server(request, tmp_path_factory):
     default_engine = request.getfixturevalue("default_engine")
     server = _start(default_engine, tmp_path_factory.mktemp("server-default"))
     yield Endpoints(server.grpc_url, server.http_url, default_engine, server.log_file, server.metrics_url)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ct2_server(default_ct2_engine, tmp_path_factory):
+    """The default model on the CTranslate2 engine: for what only that engine does (beam search)."""
+    server = _start(default_ct2_engine, tmp_path_factory.mktemp("server-ct2"))
+    yield Endpoints(server.grpc_url, server.http_url, default_ct2_engine, server.log_file, server.metrics_url)
     server.stop()
 
 

@@ -1,4 +1,5 @@
-"""`bayling build` for the CPU target, on tiny LLaMA checkpoints the tests create."""
+"""`bayling build` for the CPU targets (llama.cpp Q8_0, the default, and CTranslate2), on tiny LLaMA
+checkpoints the tests create."""
 
 import json
 
@@ -11,20 +12,27 @@ from tests.conftest import bayling_cli
 from tests.models import save_random_llama
 
 
+# target -> (manifest engine, quantization, the engine file, the tool version recorded)
+TARGETS = {"cpu": ("llamacpp", "q8_0", "llamacpp/model.gguf", "llama_cpp_python"),
+           "cpu-ct2": ("ctranslate2", "int8", "ctranslate2/model.bin", "ctranslate2")}
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin-shards"])
-def test_build_a_tiny_llama_into_a_cpu_int8_engine(tmp_path, llama_tokenizer_dir, safe_serialization):
+def test_build_a_tiny_llama_into_a_cpu_int8_engine(tmp_path, llama_tokenizer_dir, safe_serialization, target):
     model = save_random_llama(tmp_path / "tiny-bayling-random", llama_tokenizer_dir,
                               safe_serialization=safe_serialization, max_shard_size="200KB")
     assert len(list(model.glob("*.safetensors" if safe_serialization else "pytorch_model-*.bin"))) > 1
     engine = tmp_path / "engine"
-    run = bayling_cli("build", "--model", str(model), "--output", str(engine))
+    run = bayling_cli("build", "--model", str(model), "--output", str(engine), "--target", target)
     assert "[4/4]" in run.stderr  # the steps are shown
     manifest = read_manifest(engine)
-    assert manifest.engine == "ctranslate2" and manifest.build["quantization"] == "int8"
+    kind, quantization, engine_file, tool = TARGETS[target]
+    assert manifest.engine == kind and manifest.build["quantization"] == quantization
     assert manifest.template == "bayling" and manifest.placeholders  # "bayling" in the name
     assert manifest.max_context == 256 and (manifest.bos_id, manifest.eos_id) == (1, 2)
-    assert manifest.source["bytes"] > 0 and "ctranslate2" in manifest.versions
-    assert (engine / "ctranslate2" / "model.bin").is_file()
+    assert manifest.source["bytes"] > 0 and tool in manifest.versions
+    assert (engine / engine_file).is_file()
     assert (engine / "chat_template.jinja").read_text() == builtin_template("bayling").source
     saved = json.loads((engine / "tokenizer" / "tokenizer_config.json").read_text())
     assert saved.get("chat_template") == builtin_template("bayling").source or (engine / "tokenizer" / "chat_template.jinja").is_file()
@@ -60,8 +68,9 @@ def test_auto_template_choice(smol_tokenizer, tmp_path):
     assert choose_template("bayling", other, smol_tokenizer).name == "bayling"
 
 
-def test_default_engine_is_the_embedded_model(default_engine):
-    manifest = read_manifest(default_engine)
-    assert manifest.model_name == "SmolLM2-135M-Instruct"
-    assert manifest.template == "hf" and not manifest.placeholders
-    assert manifest.sizes["ctranslate2"] < manifest.source["bytes"] / 3  # INT8 of a float32 checkpoint
+def test_default_engines_are_the_embedded_model(default_engine, default_ct2_engine):
+    for engine, kind in ((default_engine, "llamacpp"), (default_ct2_engine, "ctranslate2")):
+        manifest = read_manifest(engine)
+        assert manifest.model_name == "SmolLM2-135M-Instruct" and manifest.engine == kind
+        assert manifest.template == "hf" and not manifest.placeholders
+        assert manifest.sizes[kind] < manifest.source["bytes"] / 3  # INT8 of a float32 checkpoint

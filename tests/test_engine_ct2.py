@@ -15,8 +15,8 @@ from bayling.model_repository.engine_ct2 import Ct2Engine, EngineRequest
 
 
 @pytest.fixture(scope="module")
-def engine(scripted_engine):
-    e = Ct2Engine(str(scripted_engine / ENGINE_SUBDIRS["ctranslate2"]), max_batch_size=8, gather_ms=50)
+def engine(scripted_ct2_engine):
+    e = Ct2Engine(str(scripted_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), max_batch_size=8, gather_ms=50)
     yield e
     e.shutdown()
     del e.generator
@@ -93,7 +93,7 @@ def test_concurrent_requests_share_a_batch_and_stay_separate(engine, prompt_and_
     assert max(list(engine.batch_sizes)[before:]) > 1
 
 
-def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script, scripted_engine):
+def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script, scripted_ct2_engine):
     prompt, script = prompt_and_script
     cancelled, stopped = Collector(), Collector()
     engine.submit(greedy(prompt, max_new_tokens=500), cancelled, is_cancelled=lambda: True)
@@ -105,9 +105,9 @@ def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script,
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
-def test_sampling_with_a_seed_repeats_whatever_ran_before(lanes, default_engine, smol_tokenizer):
+def test_sampling_with_a_seed_repeats_whatever_ran_before(lanes, default_ct2_engine, smol_tokenizer):
     """With two lanes, the reload waits for the other lane's batch, which stops and goes on after it."""
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=lanes)
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=lanes)
     prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
                                                 add_generation_prompt=True)["input_ids"]
 
@@ -140,9 +140,9 @@ def test_invalid_ids_are_refused(engine):
         engine.submit(greedy([1, 10**6]), Collector())
 
 
-def test_a_request_joins_a_running_batch_instead_of_waiting(default_engine, smol_tokenizer):
+def test_a_request_joins_a_running_batch_instead_of_waiting(default_ct2_engine, smol_tokenizer):
     """B arrives while A generates: B is answered long before A ends, and A loses nothing."""
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
 
     def prompt(text):
         return smol_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
@@ -171,10 +171,10 @@ def test_a_request_joins_a_running_batch_instead_of_waiting(default_engine, smol
         del engine.generator
 
 
-def test_a_request_that_may_not_end_early_joins_a_running_batch(default_engine, smol_tokenizer):
+def test_a_request_that_may_not_end_early_joins_a_running_batch(default_ct2_engine, smol_tokenizer):
     """min_length = max_new_tokens (genai-perf's fixed lengths) kept a request out of running batches: it
     waited for a whole answer. It is the same request with its end id suppressed, which can join."""
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
     eos = smol_tokenizer.eos_token_id
     prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
                                                 add_generation_prompt=True)["input_ids"]
@@ -205,11 +205,11 @@ def test_a_request_that_may_not_end_early_joins_a_running_batch(default_engine, 
         del engine.generator
 
 
-def test_a_request_that_can_join_no_batch_takes_a_spare_lane(default_engine, smol_tokenizer):
+def test_a_request_that_can_join_no_batch_takes_a_spare_lane(default_ct2_engine, smol_tokenizer):
     """A repetition penalty counts from the start of a CTranslate2 call, so such a request cannot join a
     running batch: with one lane it waited for A's whole answer; a spare lane starts it at once, and its
     answer is the one it gets alone."""
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=2, join_lanes=1)
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=2, join_lanes=1)
     story = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
                                                add_generation_prompt=True)["input_ids"]
     hi = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
@@ -231,8 +231,8 @@ def test_a_request_that_can_join_no_batch_takes_a_spare_lane(default_engine, smo
         del engine.generator
 
 
-def test_a_burst_is_shared_between_join_lanes_and_later_arrivals_join(default_engine, smol_tokenizer):
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=4, join_lanes=2,
+def test_a_burst_is_shared_between_join_lanes_and_later_arrivals_join(default_ct2_engine, smol_tokenizer):
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=4, join_lanes=2,
                        gather_ms=50)
     prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
                                                 add_generation_prompt=True)["input_ids"]
@@ -253,12 +253,12 @@ def test_a_burst_is_shared_between_join_lanes_and_later_arrivals_join(default_en
         del engine.generator
 
 
-def test_a_newcomer_starts_its_own_batch_rather_than_stall_one_far_into_its_answers(default_engine,
+def test_a_newcomer_starts_its_own_batch_rather_than_stall_one_far_into_its_answers(default_ct2_engine,
                                                                                     smol_tokenizer):
     """Joining a batch 40 tokens into its answers would force 40 steps on it (CTranslate2 forwards prompts
     at once only up to the shortest): with a lane idle, the newcomer starts there, nobody restarts, and
     each answer is the one it gets alone."""
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=2, join_lanes=1,
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1, lanes=2, join_lanes=1,
                        join_steps=16)
     prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
                                                 add_generation_prompt=True)["input_ids"]
@@ -280,9 +280,9 @@ def test_a_newcomer_starts_its_own_batch_rather_than_stall_one_far_into_its_answ
         del engine.generator
 
 
-def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, prompt_and_script):
+def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_ct2_engine, prompt_and_script):
     prompt, script = prompt_and_script
-    engine = Ct2Engine(str(scripted_engine / ENGINE_SUBDIRS["ctranslate2"]), one_token_per_response=True)
+    engine = Ct2Engine(str(scripted_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), one_token_per_response=True)
     out, first = Collector(), threading.Event()
 
     def slow(emission):
@@ -372,10 +372,10 @@ def test_step_wise_sampling_follows_its_seed_and_the_top_k_top_p_limits():
     assert set(draws(2, top_p, peaked)) == {3}
 
 
-def test_prompts_of_different_lengths_in_one_batch_get_what_each_gets_alone(default_engine, smol_tokenizer):
+def test_prompts_of_different_lengths_in_one_batch_get_what_each_gets_alone(default_ct2_engine, smol_tokenizer):
     """CTranslate2 forwards a batch's prompts at once only up to the shortest; the tails of longer prompts
     come back through the callback as forced steps, which must not be taken for generated tokens."""
-    engine = Ct2Engine(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), gather_ms=50)
+    engine = Ct2Engine(str(default_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), gather_ms=50)
     prompts = [smol_tokenizer.encode(p) for p in ("The capital of France is", "One, two, three,", "Hello")]
     try:
         alone = []

@@ -83,7 +83,7 @@ def test_entry_model_tells_clients_about_the_model(default_engine, tmp_path):
     config = parse(render_repository(default_engine, tmp_path / "repo") / "bayling" / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["model_name"] == "SmolLM2-135M-Instruct"
-    assert params["engine"] == "ctranslate2" and params["template"] == "hf" and int(params["max_context"]) == 8192
+    assert params["engine"] == "llamacpp" and params["template"] == "hf" and int(params["max_context"]) == 8192
 
 
 def test_ensemble_wires_preprocessing_engine_and_postprocessing(default_engine, tmp_path):
@@ -121,27 +121,31 @@ def test_tensor_parallel_engines_use_the_orchestrator_mode(gpu_engine):
     assert gpu_environment(dataclasses.replace(manifest, build={**manifest.build, "tp": 2})) == {"TRTLLM_ORCHESTRATOR": "1"}
 
 
-def test_cpu_threads_follow_the_engine_size(default_engine, tmp_path):
-    config = parse(render_repository(default_engine, tmp_path / "a") / "tensorrt_llm" / "config.pbtxt")
-    assert config.parameters["intra_threads"].string_value == "1"  # the 135M default engine is small
+def test_cpu_threads_follow_the_engine_kind_and_size(default_engine, default_ct2_engine, tmp_path):
     from bayling.model_repository.render import RenderOptions
 
-    config = parse(render_repository(default_engine, tmp_path / "b", RenderOptions(cpu_threads=0)) / "tensorrt_llm" / "config.pbtxt")
-    assert config.parameters["intra_threads"].string_value == "0"
+    def threads(engine, name, options=RenderOptions()):
+        config = parse(render_repository(engine, tmp_path / name, options) / "tensorrt_llm" / "config.pbtxt")
+        return config.parameters["intra_threads"].string_value
+
+    assert threads(default_engine, "a") == "0"            # llama.cpp: one batch on every core
+    assert threads(default_ct2_engine, "b") == "1"        # CTranslate2: the 135M default engine is small
+    assert threads(default_ct2_engine, "c", RenderOptions(cpu_threads=0)) == "0"
+    assert threads(default_engine, "d", RenderOptions(cpu_threads=1)) == "1"
 
 
-def test_cpu_engine_lanes_follow_the_cores_and_the_engine_size(default_engine, tmp_path):
+def test_cpu_engine_lanes_follow_the_cores_and_the_engine_size(default_ct2_engine, tmp_path):
     from bayling.model_repository.render import RenderOptions, available_cores, engine_lanes_for
 
-    config = parse(render_repository(default_engine, tmp_path / "a") / "tensorrt_llm" / "config.pbtxt")
+    config = parse(render_repository(default_ct2_engine, tmp_path / "a") / "tensorrt_llm" / "config.pbtxt")
     join = min(4, available_cores())
     assert (config.parameters["lanes"].string_value, config.parameters["join_lanes"].string_value) == \
         (str(2 * join), str(join))   # small: one batch per core, as many spare lanes
-    manifest = read_manifest(default_engine)
+    manifest = read_manifest(default_ct2_engine)
     large = dataclasses.replace(manifest, sizes={"ctranslate2": 26 << 30})
     assert engine_lanes_for(large, RenderOptions(), 32) == (1, 1)
     assert engine_lanes_for(manifest, RenderOptions(engine_lanes=3), 16) == (3, 3)  # join lanes never exceed lanes
-    config = parse(render_repository(default_engine, tmp_path / "b", RenderOptions(engine_lanes=1))
+    config = parse(render_repository(default_ct2_engine, tmp_path / "b", RenderOptions(engine_lanes=1))
                    / "tensorrt_llm" / "config.pbtxt")
     assert config.parameters["lanes"].string_value == "1"
 

@@ -27,7 +27,7 @@ log = logging.getLogger("bayling")
 class TritonPythonModel:
     def initialize(self, args):
         params = io.model_parameters(args)
-        self.entry = Entry(load_engine_text(params["engine_dir"]))
+        self.entry = Entry(load_engine_text(params["engine_dir"]), int(params.get("max_context") or 0) or None)
         self.entry.engine_decoupled = params.get("engine_decoupled", "true") == "true"
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_concurrency"]), thread_name_prefix="bayling")
         self.relay = Relay(name="bayling-relay")

@@ -1,0 +1,242 @@
+"""The llama.cpp CPU engine (continuous batching over a GGUF Q8_0 model) on real llama.cpp: the same
+contract as the CTranslate2 engine (per-request limits, stop words, end id, cancellation, `stop`,
+seeds), and what a serving engine's scheduler must do: a newcomer is answered while others generate,
+a finished sequence frees its slot at once, requests with penalties or min_length run beside others.
+The scripted tiny model's greedy output is known exactly (tests/models.py)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bayling.build_engine.gguf_build import GGUF_NAME
+from bayling.errors import InvalidInput
+from bayling.manifest import ENGINE_SUBDIRS
+from bayling.model_repository.engine_ct2 import EngineRequest
+from bayling.model_repository.engine_llamacpp import LlamaCppEngine
+from bayling.templates import builtin_template
+from bayling.tokenization import PromptEncoder
+from tests.client_helpers import Collector
+
+
+def gguf(engine_dir) -> str:
+    return str(engine_dir / ENGINE_SUBDIRS["llamacpp"] / GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def engine(scripted_engine):
+    e = LlamaCppEngine(gguf(scripted_engine), context=256, max_batch_size=8, threads=1)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smol(default_engine):
+    e = LlamaCppEngine(gguf(default_engine), context=512, max_batch_size=4)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompt_and_script(llama_tokenizer):
+    from tests.conftest import SCRIPT_TEXT
+
+    encoder = PromptEncoder(llama_tokenizer, builtin_template("bayling"))
+    prompt = encoder.encode_messages([{"role": "user", "content": "hi"}]).ids
+    return prompt, llama_tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
+
+
+def greedy(prompt, request_id="", **kw):
+    return EngineRequest(request_id=request_id, input_ids=prompt, max_new_tokens=kw.pop("max_new_tokens", 64),
+                         end_id=kw.pop("end_id", 2), top_k=1, **kw)
+
+
+def chat_ids(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
+
+
+def test_greedy_follows_the_script_and_ends_at_end_id(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt), out)
+    assert out.wait().tokens == script       # EOS ends it and is not part of the output
+    assert len(out.emissions) == 1 and out.emissions[0].final   # not streaming: one response
+
+
+def test_streaming_sends_tokens_as_they_are_made(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt, streaming=True), out)
+    assert out.wait().tokens == script
+    assert len(out.emissions) > 1 and [e.final for e in out.emissions] == [False] * (len(out.emissions) - 1) + [True]
+
+
+def test_max_new_tokens_stop_words_and_min_length(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    short, stopped, longer = Collector(), Collector(), Collector()
+    engine.submit(greedy(prompt, max_new_tokens=3), short)
+    engine.submit(greedy(prompt, stop_words=[script[4:6]]), stopped)
+    engine.submit(greedy(prompt, max_new_tokens=len(script) + 3, min_length=len(script) + 3), longer)
+    assert short.wait().tokens == script[:3]
+    assert stopped.wait().tokens == script[:6]   # ends on the stop word, which is included (as TensorRT-LLM)
+    assert longer.wait().tokens[:len(script)] == script and len(longer.tokens) == len(script) + 3
+    assert 2 not in longer.tokens                # the end id is held off until min_length
+
+
+def test_concurrent_requests_share_steps_and_stay_separate(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    outs = [Collector() for _ in range(6)]
+    before = len(engine.batch_sizes)
+    for i, out in enumerate(outs):
+        engine.submit(greedy(prompt, max_new_tokens=2 + i), out)
+    for i, out in enumerate(outs):
+        assert out.wait().tokens == script[:2 + i]
+    assert max(list(engine.batch_sizes)[before:]) > 1
+
+
+def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    cancelled, stopped = Collector(), Collector()
+    engine.submit(greedy(prompt, max_new_tokens=200, end_id=None), cancelled, is_cancelled=lambda: True)
+    engine.submit(greedy(prompt, request_id="r-1", streaming=True, max_new_tokens=200, end_id=None), stopped)
+    engine.stop("r-1")
+    assert len(cancelled.wait().tokens) < 200    # the relay polls cancellation every 50 ms
+    assert len(stopped.wait().tokens) < 200 and stopped.emissions[-1].final
+    assert engine.load().running == 0     # their slots are free again
+
+
+def test_bad_input_is_refused_by_name_and_the_engine_keeps_serving(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    with pytest.raises(InvalidInput, match="input_ids"):
+        engine.submit(greedy([1, 10**6]), Collector())
+    with pytest.raises(InvalidInput, match="input_ids"):
+        engine.submit(greedy([5] * 256), Collector())      # the context is 256, prompt and answer together
+    with pytest.raises(InvalidInput, match="beam_width"):
+        engine.submit(greedy(prompt, beam_width=2), Collector())
+    with pytest.raises(InvalidInput, match="embedding_bias"):
+        engine.submit(greedy(prompt, embedding_bias=np.zeros(3, np.float32)), Collector())
+    out = Collector()
+    engine.submit(greedy(prompt), out)
+    assert out.wait().tokens == script
+
+
+def test_an_answer_stops_at_the_end_of_its_context(engine, prompt_and_script):
+    prompt, _ = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt, max_new_tokens=1000, end_id=None), out)
+    assert len(prompt) + len(out.wait().tokens) == 256 and out.emissions[-1].error is None
+
+
+def test_logit_bias_penalties_and_log_probs(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    vocab = engine.vocab_size
+    bias = np.zeros(vocab, np.float32)
+    bias[script[0]] = -1e6                        # the script's first token is banned ... (its logits are huge)
+    bias[7] = 1e6                                 # ... and token 7 forced
+    forced, plain, zero_bias = Collector(), Collector(), Collector()
+    engine.submit(greedy(prompt, max_new_tokens=3, embedding_bias=bias), forced)
+    engine.submit(greedy(prompt, return_log_probs=True), plain)
+    engine.submit(greedy(prompt, return_log_probs=True, embedding_bias=np.zeros(vocab, np.float32),
+                         frequency_penalty=0.01), zero_bias)
+    assert forced.wait().tokens == [7, 7, 7]
+    assert plain.wait().tokens == zero_bias.wait().tokens == script
+    log_probs = [p for e in plain.emissions for p in e.log_probs]
+    assert len(log_probs) == len(script) and all(-5 < p <= 0 for p in log_probs)
+    assert log_probs == pytest.approx([p for e in zero_bias.emissions for p in e.log_probs], abs=1e-4)
+
+
+def test_generation_logits_are_the_rows_the_tokens_were_chosen_from(engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    out = Collector()
+    engine.submit(greedy(prompt, streaming=True, return_generation_logits=True), out)
+    out.wait()
+    assert out.tokens == script and len(out.emissions) == 1      # answered once, at the end
+    logits = out.emissions[0].logits
+    assert len(logits) == len(script) and [int(np.argmax(row)) for row in logits] == script
+
+
+def test_a_seed_repeats_its_sample_whatever_runs_beside_it(smol, smol_tokenizer):
+    prompt = chat_ids(smol_tokenizer, "Tell me about the sea.")
+
+    def sample(seed, beside=0):
+        others = [Collector() for _ in range(beside)]
+        for other in others:
+            smol.submit(EngineRequest("", chat_ids(smol_tokenizer, "Count to ten."), 24, end_id=-1,
+                                      temperature=1.0, top_k=0, top_p=1.0), other)
+        out = Collector()
+        smol.submit(EngineRequest("", prompt, 16, end_id=-1, temperature=1.5, top_k=0, top_p=1.0,
+                                  random_seed=seed), out)
+        for other in others:
+            other.wait()
+        return out.wait().tokens
+
+    first = sample(1234)
+    assert sample(1234, beside=3) == first and len(first) == 16
+    assert sample(99) != first
+
+
+def test_a_newcomer_is_answered_while_a_long_answer_runs(smol, smol_tokenizer):
+    """B arrives while A generates: B's first token comes within a few steps, B ends long before A, and A's
+    answer is the one it gets alone (nothing is restarted)."""
+    story, hi = chat_ids(smol_tokenizer, "Tell me a story."), chat_ids(smol_tokenizer, "Say hi.")
+    alone = Collector()
+    smol.submit(EngineRequest("", story, 60, end_id=-1, top_k=1), alone)
+    alone.wait()
+    a, b = Collector(), Collector()
+    smol.submit(EngineRequest("", story, 60, end_id=-1, top_k=1, streaming=True), a)
+    while len(a.tokens) < 5:
+        a.done.wait(0.01)
+    smol.submit(EngineRequest("", hi, 5, end_id=-1, top_k=1, repetition_penalty=1.3, min_length=3), b)
+    assert len(b.wait().tokens) == 5
+    assert len(a.tokens) < 40, "B waited for A's answer"
+    assert a.wait().tokens[:20] == alone.tokens[:20] and len(a.tokens) == 60
+
+
+def test_a_finished_sequence_frees_its_slot_for_the_next_request_at_once(smol, smol_tokenizer):
+    """Four slots, five requests: the fifth starts as soon as the shortest ends, not when all four do."""
+    prompt = chat_ids(smol_tokenizer, "Tell me a story.")
+    long = [Collector() for _ in range(3)]
+    short, fifth = Collector(), Collector()
+    for out in long:
+        smol.submit(EngineRequest("", prompt, 100, end_id=-1, top_k=1, streaming=True), out)
+    smol.submit(EngineRequest("", prompt, 4, end_id=-1, top_k=1), short)
+    smol.submit(EngineRequest("", prompt, 4, end_id=-1, top_k=1), fifth)
+    assert len(short.wait().tokens) == 4 and len(fifth.wait().tokens) == 4
+    assert max(len(out.tokens) for out in long) < 60, "the fifth request waited for a whole batch"
+    assert [len(out.wait().tokens) for out in long] == [100] * 3
+
+
+def test_prompts_of_different_lengths_in_one_step_get_what_each_gets_alone(smol, smol_tokenizer):
+    prompts = [smol_tokenizer.encode(p) for p in ("The capital of France is", "One, two, three,", "Hello")]
+    alone = []
+    for prompt in prompts:
+        out = Collector()
+        smol.submit(EngineRequest("", prompt, 8, end_id=-1, top_k=1), out)
+        alone.append(out.wait().tokens)
+    outs = [Collector() for _ in prompts]
+    for prompt, out in zip(prompts, outs):
+        smol.submit(EngineRequest("", prompt, 8, end_id=-1, top_k=1), out)
+    assert [out.wait().tokens for out in outs] == alone
+
+
+def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, prompt_and_script):
+    prompt, script = prompt_and_script
+    engine = LlamaCppEngine(gguf(scripted_engine), context=256, max_batch_size=2, threads=1,
+                            one_token_per_response=True)
+    out, first = Collector(), threading.Event()
+
+    def slow(emission):
+        if not out.emissions:
+            first.wait(10)
+        out(emission)
+
+    try:
+        engine.submit(greedy(prompt, streaming=True), slow)
+        time.sleep(0.5)               # tokens pile up behind the slow first send ...
+        first.set()
+        out.wait()
+    finally:
+        engine.shutdown()
+    assert out.tokens == script
+    assert all(len(e.token_ids) <= 1 for e in out.emissions)   # ... and still leave one by one
