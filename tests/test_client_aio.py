@@ -13,7 +13,7 @@ from bayling.model_repository.server import free_port
 from tests.client_helpers import metric, settled
 
 pytestmark = pytest.mark.e2e
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital of France."
 GREEDY = {"temperature": 0.0}
 
 

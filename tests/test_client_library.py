@@ -16,7 +16,7 @@ from tests.client_helpers import TcpForwarder, metric, settled
 
 pytestmark = pytest.mark.e2e
 GREEDY = {"temperature": 0.0}
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital of France."
 
 
 @pytest.fixture(params=["grpc", "http"])

@@ -17,7 +17,6 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from bayling.manifest import ENGINE_SUBDIRS
 from bayling.model_repository.render import RenderOptions
 from tests.conftest import Endpoints
 
@@ -148,8 +147,8 @@ def test_num_return_sequences_sample_each_sequence_on_its_own(default_server):
     assert by_sequence(first) == by_sequence(again), "a seeded call repeats"
 
 
-def test_log_probs_pass_through_the_ensemble_and_are_ctranslate2_s(default_server, default_engine, smol_tokenizer):
-    import ctranslate2
+def test_log_probs_pass_through_the_ensemble_and_are_the_model_s(default_server, default_engine, smol_tokenizer):
+    from tests.engine_reference import greedy_reference
 
     outputs = ["text_output", "output_log_probs", "cum_log_probs"]
     (response,) = stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 8, top_k=1, return_log_probs=True),
@@ -157,19 +156,9 @@ def test_log_probs_pass_through_the_ensemble_and_are_ctranslate2_s(default_serve
     per_token, cum = response["output_log_probs"], response["cum_log_probs"]
     assert per_token.shape == (1, 1, 8) and cum.shape == (1, 1)      # [batch, beam, tokens], [batch, beam]
     assert np.all(per_token <= 0) and np.isclose(cum.sum(), per_token.sum(), atol=1e-4)
-    # the same log probs as CTranslate2 generating in-process (the log prob of each step), and close to
-    # it scoring the prompt and answer at once (a whole-sequence pass rounds INT8 differently: within 0.05
-    # on AVX-512 machines, 0.3 seen on an AVX2 one)
-    prompt = smol_tokenizer.encode(PROMPTS[0])
-    # one thread, as the server's small engine: other splits of the sums may change greedy choices
-    engine = ctranslate2.Generator(str(default_engine / ENGINE_SUBDIRS["ctranslate2"]), intra_threads=1)
-    steps = []
-    answer = engine.generate_batch([smol_tokenizer.convert_ids_to_tokens(prompt)], max_length=8, sampling_topk=1,
-                                   include_prompt_in_result=False, end_token=[], return_scores=True,
-                                   callback=lambda step: steps.append(step.log_prob) and False)[0].sequences_ids[0]
+    # the log-softmax of the model's logits at each greedy step, as llama.cpp computes them in-process
+    answer, steps = greedy_reference(default_engine, smol_tokenizer.encode(PROMPTS[0]), 8)
     assert np.allclose(per_token.reshape(-1), steps, atol=1e-3)
-    scored = engine.score_batch([smol_tokenizer.convert_ids_to_tokens(prompt + answer)])[0].log_probs[-8:]
-    assert np.allclose(per_token.reshape(-1), scored, atol=0.5)
     assert texts(response["text_output"]) == [smol_tokenizer.decode(answer)]
 
 
@@ -275,7 +264,16 @@ def test_streamed_log_probs_join_to_the_whole_ones_and_cum_log_probs_runs_on(def
     assert np.allclose([p["cum_log_probs"].item() for p in pieces], running, atol=1e-4)
 
 
-def test_beam_search_answers_every_beam_best_first(default_server):
+def test_beam_search_is_refused_by_name_on_the_llama_cpp_engine(default_server):
+    with pytest.raises(InferenceServerException) as failure:
+        stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 8, beam_width=3))
+    assert own_message(failure.value).startswith("beam_width:") and "cpu-ct2" in own_message(failure.value)
+    assert texts(stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 4, top_k=1))[0]["text_output"])
+
+
+def test_beam_search_answers_every_beam_best_first(ct2_server):
+    """On the CTranslate2 engine (bayling build --target cpu-ct2), which does beam search."""
+    default_server = ct2_server
     outputs = ["text_output", "output_log_probs", "cum_log_probs"]
     (response,) = stream(default_server.grpc, "ensemble", text_request(PROMPTS[:1], 8, beam_width=3,
                                                                         return_log_probs=True), outputs=outputs)

@@ -240,3 +240,20 @@ def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, pr
         engine.shutdown()
     assert out.tokens == script
     assert all(len(e.token_ids) <= 1 for e in out.emissions)   # ... and still leave one by one
+
+
+def test_a_prompt_reuses_the_cache_of_a_finished_one_with_the_same_beginning(engine, prompt_and_script):
+    """A finished sequence's cache stays in its slot: a newcomer whose prompt starts the same prefills only
+    the rest, and answers what it answers from scratch."""
+    prompt, script = prompt_and_script
+    first, again = Collector(), Collector()
+    engine.submit(greedy(prompt), first)
+    first.wait()
+    before = engine.reused_tokens
+    engine.submit(greedy(prompt), again)
+    assert again.wait().tokens == first.tokens == script
+    assert engine.reused_tokens - before == len(prompt) - 1    # all but the last prompt token
+    longer = Collector()           # the whole first conversation, then more: reuses prompt and answer
+    engine.submit(greedy(prompt + script + prompt, max_new_tokens=4), longer)
+    longer.wait()
+    assert engine.reused_tokens - before >= 2 * len(prompt) - 1 + len(script) - 1

@@ -542,7 +542,7 @@ def test_a_cpu_build_from_a_weights_volume_merges_without_downloading():
     spec = one(docs, "Job")["spec"]["template"]["spec"]
     c = spec["containers"][0]
     e = env(c)
-    assert c["args"] == ["--target", "cpu", "--quantization", "int8"]
+    assert c["args"] == ["--target", "cpu", "--quantization", "q8_0"]
     assert e["WEIGHTS_SOURCE"] == "volume" and e["DELTA"] == "true"
     assert (e["MODEL_DIR"], e["BASE_DIR"]) == ("/weights/bayling-7b-diff", "/weights/llama-7b-hf")
     assert "MODEL_REPO" not in e and "HF_TOKEN" not in e

@@ -14,7 +14,7 @@ from bayling.model_repository.server import free_port
 from tests.client_helpers import bayling_process, metric, settled, stop_process, wait_until
 
 pytestmark = pytest.mark.e2e
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "Name the capital of France."}]
 MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -453,7 +453,7 @@ def test_a_validation_error_names_the_field_path(gateway):
 def test_the_bayling_model_answers_with_token_logprobs(default_server):
     from tests.triton_helpers import chat, final_value, grpc_stream, http_generate
 
-    result = grpc_stream(default_server.grpc, chat("What is the capital of France?", max_tokens=8, temperature=0.0,
+    result = grpc_stream(default_server.grpc, chat("Name the capital of France.", max_tokens=8, temperature=0.0,
                                                    logprobs=True, top_logprobs=2))
     assert result.error is None
     entries = json.loads(final_value(result, "token_logprobs"))
@@ -461,9 +461,9 @@ def test_the_bayling_model_answers_with_token_logprobs(default_server):
     assert "".join(e["token"] for e in entries) == result.text
     assert all(set(e) == {"token", "logprob", "bytes", "top_logprobs"} and len(e["top_logprobs"]) == 2
                for e in entries)
-    plain = grpc_stream(default_server.grpc, chat("What is the capital of France?", max_tokens=8, temperature=0.0))
+    plain = grpc_stream(default_server.grpc, chat("Name the capital of France.", max_tokens=8, temperature=0.0))
     assert plain.text == result.text and "token_logprobs" not in plain.final
-    status, events = http_generate(default_server.http, chat("What is the capital of France?", max_tokens=8,
+    status, events = http_generate(default_server.http, chat("Name the capital of France.", max_tokens=8,
                                                              temperature=0.0, logprobs=True, stream=True),
                                    stream=True)
     assert status == 200

@@ -80,7 +80,7 @@ imagePullSecrets:
 {{- else if eq .Values.mode "gpu" }}
 {{- printf "%s-trtllm-%s%s" (lower .Values.model.release) .Values.engine.build.quant (ternary "-kv8" "" (eq .Values.engine.build.kvCache "int8")) }}
 {{- else }}
-{{- printf "%s-ct2-%s" (lower .Values.model.release) .Values.engine.build.cpuQuantization }}
+{{- printf "%s-%s-%s" (lower .Values.model.release) (ternary "ct2" "gguf" (eq .Values.engine.build.cpuTarget "cpu-ct2")) .Values.engine.build.cpuQuantization }}
 {{- end }}
 {{- end }}
 
@@ -102,7 +102,7 @@ imagePullSecrets:
 {{- $_ := set $spec "kvCache" $b.kvCache }}
 {{- $_ := set $spec "gpuMemory" $b.gpuMemory }}
 {{- else }}
-{{- $_ := set $spec "target" "cpu" }}
+{{- $_ := set $spec "target" $b.cpuTarget }}
 {{- $_ := set $spec "cpuQuantization" $b.cpuQuantization }}
 {{- end }}
 {{- toJson $spec }}
@@ -225,11 +225,18 @@ max(bayling_engine_kv_cache_utilization{<<.LabelMatchers>>}) by (<<.GroupBy>>)
 {{/* The engine type the picker reads the pods' metrics as: TensorRT-LLM's own names (built into
 the picker), or the CPU engine's bayling_engine_* gauges (configured in the picker's ConfigMap). */}}
 {{- define "bayling.engineType" -}}
-{{- ternary "triton-tensorrt-llm" "bayling-ctranslate2" (eq .Values.mode "gpu") }}
+{{- ternary "triton-tensorrt-llm" "bayling-cpu" (eq .Values.mode "gpu") }}
 {{- end }}
 
 {{/* Checks of combinations the schema cannot express. */}}
 {{- define "bayling.validate" -}}
+{{- $b := .Values.engine.build }}
+{{- if and (eq .Values.mode "cpu") (eq $b.cpuTarget "cpu") (not (has $b.cpuQuantization (list "q8_0" "f16" "f32"))) }}
+{{- fail (printf "engine.build.cpuQuantization=%s is a CTranslate2 quantization: the llama.cpp engine (cpuTarget cpu) takes q8_0, f16 or f32" $b.cpuQuantization) }}
+{{- end }}
+{{- if and (eq .Values.mode "cpu") (eq $b.cpuTarget "cpu-ct2") (has $b.cpuQuantization (list "q8_0" "f16" "f32")) }}
+{{- fail (printf "engine.build.cpuQuantization=%s is a llama.cpp quantization: the CTranslate2 engine (cpuTarget cpu-ct2) takes int8, int8_float16, int8_float32 or int8_bfloat16" $b.cpuQuantization) }}
+{{- end }}
 {{- $r := include "bayling.releaseEntry" . | fromJson }}
 {{- if and (eq .Values.engine.source "builtin") (ne .Values.mode "cpu") }}
 {{- fail "engine.source=builtin is the CPU image's embedded engine: it needs mode=cpu" }}
