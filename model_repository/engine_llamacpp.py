@@ -309,7 +309,8 @@ class LlamaCppEngine(ResponsesMixin):
                 n += 1
             return min(n, len(prompt) - 1)
 
-        best = max(self._free_slots, key=shared)
+        # ties (no cache, or the same shared prefix) go to the lowest slot: see _step on keeping them packed
+        best = max(self._free_slots, key=lambda slot: (shared(slot), -slot))
         self._free_slots.remove(best)
         keep = shared(best)
         self._cached.pop(best, None)
@@ -324,6 +325,11 @@ class LlamaCppEngine(ResponsesMixin):
             self._end(sequence)
         n, outputs, rows = 0, [], []   # the sequences whose logits this step yields, and their batch indexes
         budget = self.prefill_chunk
+        # In slot order: llama.cpp splits a batch into one pass per run of consecutive sequence ids (with a
+        # cache per sequence), so slots 15, 3, 7 cost three passes where 0, 1, 2 cost one (measured, 16
+        # sequences of the default model: 275 ms a step in reverse order, 86 ms in order; 8 sequences in
+        # even slots 128 ms, in slots 0-7 51 ms). Hence also the lowest free slot for a newcomer.
+        self._running.sort(key=lambda s: s.slot)
         for sequence in self._running:
             prompt = sequence.request.input_ids
             if sequence.prefilling:

@@ -58,7 +58,10 @@ class Server:
         return subprocess.Popen(
             [sys.executable, "-m", "bayling.cli", "serve", "--engine", str(self.engine), "--http-port", str(self.http),
              "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--run-dir", str(self.run_dir),
-             "--log-file", str(self.run_dir / "tritonserver.log")],
+             "--log-file", str(self.run_dir / "tritonserver.log"),
+             # two servers share these 2 cores: one engine thread each (llama.cpp's threads wait for each
+             # other at every layer, so two engines of 2 threads on 2 cores stall each other)
+             "--cpu-threads", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def ready(self) -> bool:
