@@ -151,7 +151,8 @@ def _plan(reader: CheckpointReader, shape: LlamaShape) -> list[tuple[str, str]]:
         t.format(n=n) for n in range(shape.layers) for t in HF_TO_GGUF.values() if "{n}" in t}
     missing = sorted(expected - names)
     if missing:
-        raise BaylingError(f"the checkpoint lacks {len(missing)} LLaMA tensors, e.g. {missing[:3]}")
+        raise BaylingError(f"the checkpoint lacks {len(missing)} of the LLaMA tensors llama.cpp needs "
+                           f"(GGUF names), e.g. {missing[:3]}")
     return plan
 
 

@@ -71,7 +71,7 @@ def chat(default_server):
 
 def test_answers_stream_as_markdown_and_the_history_is_kept_until_q_or_clear(chat):
     c = chat("--temperature", "0", "--max-tokens", "48")
-    assert "SmolLM2-135M-Instruct" in c.banner and "ctranslate2" in c.banner
+    assert "SmolLM2-135M-Instruct" in c.banner and "llamacpp" in c.banner
     raw = c.say("Write two sentences about the sea.")
     # rich's Live redraws the growing answer in place: several frames, each extending the one before
     frames = [s for s in terminal_lines(raw) if s and not s.startswith(("Write two", "("))]

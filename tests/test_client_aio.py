@@ -94,7 +94,7 @@ def test_timeout_errors_and_info(url):
         async with AsyncBayLingClient(url, timeout=1.5, retries=0) as client:
             assert await client.health() is True
             info = await client.model_info()
-            assert (info.model_name, info.engine, info.max_context) == ("SmolLM2-135M-Instruct", "ctranslate2", 8192)
+            assert (info.model_name, info.engine, info.max_context) == ("SmolLM2-135M-Instruct", "llamacpp", 2048)
             started = time.monotonic()
             with pytest.raises(BayLingServerError) as slow:
                 await client.chat("Tell me a long story.", max_tokens=1500, min_length=1500, **GREEDY)

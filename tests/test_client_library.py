@@ -117,7 +117,7 @@ def test_parameters_are_checked_before_sending_with_the_servers_limits(client, d
         with pytest.raises(InvalidInput) as caught:
             client.chat(FRANCE, **params)
         assert caught.value.field == field, params
-    assert "must be between 1 and 8192" in str(pytest.raises(InvalidInput, client.chat, FRANCE, max_tokens=9000).value)
+    assert "must be between 1 and 2048" in str(pytest.raises(InvalidInput, client.chat, FRANCE, max_tokens=9000).value)
     with pytest.raises(InvalidInput) as caught:
         client.stream_chat([{"role": "assistant", "content": "hi"}])
     assert caught.value.field == "messages"
@@ -128,7 +128,7 @@ def test_health_and_model_info(client):
     assert client.health() is True
     info = client.model_info()
     assert (info.model_name, info.engine, info.template, info.max_context) == \
-           ("SmolLM2-135M-Instruct", "ctranslate2", "hf", 8192)
+           ("SmolLM2-135M-Instruct", "llamacpp", "hf", 2048)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -271,7 +271,7 @@ def test_a_dead_address_in_the_list_costs_nothing_requests_move_to_the_live_serv
     urls = [dead, live] if protocol == "grpc" else [f"http://{dead}", f"http://{live}"]
     with BayLingClient(",".join(urls), retries=0) as client:
         assert client.health() is True                             # one ready server is enough
-        assert client.model_info().engine == "ctranslate2"
+        assert client.model_info().engine == "llamacpp"
         for _ in range(4):                                         # streamed ones too: refused before any response
             assert "Paris" in client.chat(FRANCE, max_tokens=16, **GREEDY).text
             assert "Paris" in "".join(client.stream_chat(FRANCE, max_tokens=16, **GREEDY))

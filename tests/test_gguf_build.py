@@ -75,8 +75,9 @@ def test_a_checkpoint_missing_layers_fails_before_anything_is_left(tmp_path, lla
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, str(weights))
     engine = tmp_path / "engine"
-    run = bayling_cli("build", "--model", str(model_dir), "--output", str(engine), check=False)
-    assert run.returncode == 1 and "blk.1.ffn_up.weight" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    run = bayling_cli("build", "--model", str(model_dir), "--output", str(engine), "--template", "bayling", check=False)
+    error = run.stderr.strip().splitlines()[-1]     # after the steps shown so far, one line of reason
+    assert run.returncode == 1 and error.startswith("bayling build: error:") and "blk.1.ffn_up.weight" in error
     assert not engine.exists() and not [p for p in tmp_path.iterdir() if ".building-" in p.name]
 
 

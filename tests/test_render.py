@@ -12,6 +12,7 @@ from bayling import contract
 from bayling.errors import BaylingError
 from bayling.manifest import read_manifest, write_manifest
 from bayling.model_repository.render import MODELS, check_config, render_repository
+from tests.conftest import bayling_cli
 
 
 def parse(path):
@@ -83,7 +84,7 @@ def test_entry_model_tells_clients_about_the_model(default_engine, tmp_path):
     config = parse(render_repository(default_engine, tmp_path / "repo") / "bayling" / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["model_name"] == "SmolLM2-135M-Instruct"
-    assert params["engine"] == "llamacpp" and params["template"] == "hf" and int(params["max_context"]) == 8192
+    assert params["engine"] == "llamacpp" and params["template"] == "hf" and int(params["max_context"]) == 2048   # llama.cpp's slice per sequence
 
 
 def test_ensemble_wires_preprocessing_engine_and_postprocessing(default_engine, tmp_path):
@@ -170,3 +171,24 @@ def test_bayling_serve_decoupled_flag_takes_true_or_false_and_refuses_the_rest()
     bad = bayling_cli("render", "--engine", "x", "--output", "y", "--decoupled", "maybe", check=False)
     assert bad.returncode != 0
     assert "--decoupled: expected true or false, got 'maybe'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_llama_cpp_context_is_each_sequence_s_slice_of_the_kv_cache(default_engine, default_ct2_engine, tmp_path):
+    from bayling.model_repository.render import RenderOptions, served_context
+
+    def context(engine, name, options):
+        repo = render_repository(engine, tmp_path / name, options)
+        served = {int(parse(repo / m / "config.pbtxt").parameters["max_context"].string_value)
+                  for m in ("bayling", "tensorrt_llm", "tensorrt_llm_bls")
+                  if "max_context" in parse(repo / m / "config.pbtxt").parameters}
+        assert len(served) == 1, "the entry model and the engine agree on the context"
+        return served.pop()
+
+    assert context(default_engine, "a", RenderOptions()) == 2048                      # 16 slices of 2,048
+    assert context(default_engine, "b", RenderOptions(max_batch_size=4, kv_cache_tokens=65536)) == 8192  # the model's
+    assert context(default_engine, "c", RenderOptions(max_batch_size=8, kv_cache_tokens=8 * 1000)) == 1000
+    manifest = read_manifest(default_ct2_engine)
+    assert served_context(manifest, RenderOptions(kv_cache_tokens=1024)) == 8192      # CTranslate2: no slices
+    refused = bayling_cli("render", "--engine", str(default_engine), "--output", str(tmp_path / "d"),
+                          "--kv-cache-tokens", "0", check=False)
+    assert refused.returncode == 1 and "--kv-cache-tokens must be at least 1" in refused.stderr

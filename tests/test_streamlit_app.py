@@ -42,7 +42,7 @@ def test_status_shows_model_engine_and_ready(page, default_server):
     at = page(default_server.grpc)
     assert [s.value for s in at.sidebar.success] == ["ready"]
     status = " ".join(m.value for m in at.sidebar.markdown)
-    assert "SmolLM2-135M-Instruct" in status and "ctranslate2" in status and "8192 tokens" in status
+    assert "SmolLM2-135M-Instruct" in status and "llamacpp" in status and "2048 tokens" in status
     labels = [w.label for w in at.sidebar.slider] + [w.label for w in at.sidebar.number_input]
     assert labels == ["Temperature", "Top p", "Max tokens"]
     assert [t.label for t in at.tabs] == ["Chat", "Translate"]

@@ -471,7 +471,8 @@ def test_gpu_and_cpu_engine_models_declare_the_same_tensors():
     gpu = parse(string.Template(GPU_TEMPLATE.read_text(encoding="utf-8")).substitute(gpu_values(plan)))
     cpu_text = string.Template(CPU_TEMPLATE.read_text(encoding="utf-8")).substitute(
         max_batch_size="16", io=contract.io_blocks("tensorrt_llm"), engine_dir="/engines/x", cpu_threads="0",
-        one_token_per_response="false", decoupled="true", engine_lanes="1", join_lanes="1")
+        one_token_per_response="false", decoupled="true", engine_lanes="1", join_lanes="1",
+        max_context="2048")
     cpu = parse(cpu_text)
 
     def tensors(items):

@@ -114,7 +114,7 @@ def test_gpu_workflow_inputs_are_the_charts_releases_and_the_builds_quantization
     parser = argparse.ArgumentParser()
     build.add_arguments(parser)
     targets = next(a for a in parser._actions if a.dest == "target").choices
-    assert set(inputs["target"]["options"]) == set(targets) - {"cpu"} and inputs["target"]["default"] == "trtllm"
+    assert set(inputs["target"]["options"]) == set(targets) - {"cpu", "cpu-ct2"} and inputs["target"]["default"] == "trtllm"
 
 
 def test_gpu_workflow_builds_serves_tests_benchmarks_and_uploads():
