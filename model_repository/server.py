@@ -203,14 +203,19 @@ class TritonServer:
             self.front.stop()
             self.front = None
         p = self.process
-        if p is None or p.poll() is not None:
-            return p.returncode if p else None
-        p.send_signal(signal.SIGINT)
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            return p.wait()
+            os.killpg(p.pid, signal.SIGKILL)    # tritonserver past its timeout, or a stub that outlived it
+        except ProcessLookupError:
+            pass
+        return p.wait()
 
     def _supervisor(self) -> "Supervisor":
         from bayling.model_repository.supervisor import Supervisor, generation_probe, python_models

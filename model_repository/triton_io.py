@@ -4,6 +4,9 @@ numpy dictionaries, so that the models' logic is tested without Triton."""
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from typing import Iterable
 
 import numpy as np
@@ -16,6 +19,24 @@ def pb():
     import triton_python_backend_utils as pb_utils  # only inside a Triton Python backend stub
 
     return pb_utils
+
+
+def exit_with_server(interval_s: float = 1.0) -> threading.Thread:
+    """End this stub process as soon as its `tritonserver` is gone (the stub is re-parented).
+
+    The backend's own check can deadlock: when the server dies while a stub thread waits in a
+    metric call (`Metric.set`), the stub never exits and keeps its engine's memory (about 1 GB
+    for the llama.cpp engine) for ever. Call once from `initialize`."""
+    server = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-server", daemon=True)
+    thread.start()
+    return thread
 
 
 def read_inputs(request, tensors: Iterable[Tensor]) -> dict[str, np.ndarray]:

@@ -136,10 +136,11 @@ def test_a_killed_model_process_fails_clients_at_once_and_the_server_exits(defau
             serve.kill()
 
 
-def _is_stub_of(pid: int, parent: int, model: str) -> bool:
+def _is_stub_of(pid: int, parent: int, model: str = "") -> bool:
+    """`pid` is a Python backend stub of tritonserver `parent` (of `model`, or of any model)."""
     try:
         stat = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
-        return int(stat[1]) == parent and f"/{model}/1/model.py".encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+        return int(stat[1]) == parent and f"{model}/1/model.py".encode() in open(f"/proc/{pid}/cmdline", "rb").read()
     except OSError:
         return False
 
@@ -151,3 +152,36 @@ def test_python_models_are_found_with_their_instance_counts(default_engine, tmp_
     repo = render_repository(default_engine, tmp_path / "repo", RenderOptions(entry_instances=2))
     assert python_models(repo) == {"bayling": 2, "tensorrt_llm_bls": 2, "postprocessing": 1, "preprocessing": 1,
                                    "tensorrt_llm": 1}
+
+
+def test_no_model_process_outlives_a_killed_tritonserver(default_engine, tmp_path):
+    """A stub whose metrics thread was mid-call when tritonserver died never exited (the backend's own
+    parent check deadlocked), keeping about 1 GB each: every stub now ends within seconds."""
+    server = start_server(ServeOptions(default_engine, 0, 0, 0, run_dir=tmp_path, log_file=tmp_path / "triton.log"))
+    streams = []
+    try:
+        streams = [OpenStream(server.grpc_url, LONG) for _ in range(8)]
+        assert all(s.first.wait(60) for s in streams)
+        server.supervisor.stop()                  # (it would kill the process group: leave it to the stubs)
+        stubs = stub_pids(server.process.pid)
+        assert len(stubs) == 5
+        server.process.kill()                     # tritonserver alone, mid-stream
+        server.process.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in stubs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in stubs if _alive(p)], "model processes outlived tritonserver"
+    finally:
+        close_all(streams)
+        server.stop()
+
+
+def stub_pids(server: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_stub_of(int(p), server)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

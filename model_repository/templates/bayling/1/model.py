@@ -26,6 +26,7 @@ log = logging.getLogger("bayling")
 
 class TritonPythonModel:
     def initialize(self, args):
+        io.exit_with_server()
         params = io.model_parameters(args)
         self.entry = Entry(load_engine_text(params["engine_dir"]), int(params.get("max_context") or 0) or None)
         self.entry.engine_decoupled = params.get("engine_decoupled", "true") == "true"

@@ -8,6 +8,7 @@ from bayling.model_repository.pre_post import Preprocessor
 
 class TritonPythonModel:
     def initialize(self, args):
+        io.exit_with_server()
         self.logic = Preprocessor(load_engine_text(io.model_parameters(args)["engine_dir"]))
 
     def execute(self, requests):

@@ -22,6 +22,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        io.exit_with_server()
         params = io.model_parameters(args)
         manifest = read_manifest(Path(params["engine_dir"]))
         self.engine = open_cpu_engine(Path(params["engine_dir"]), manifest, params)

@@ -19,6 +19,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        io.exit_with_server()
         params = io.model_parameters(args)
         engine_dir = Path(params["engine_dir"])
         manifest = read_manifest(engine_dir)
