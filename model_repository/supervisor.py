@@ -112,41 +112,48 @@ class Supervisor:
 
     def __post_init__(self):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._fatal_once = threading.Lock()
+        # Two threads: a probe may wait up to its timeout, and must not delay the check of the stubs.
+        self._threads = [threading.Thread(target=self._watch_stubs, name="supervisor-stubs", daemon=True),
+                         threading.Thread(target=self._watch_engine, name="supervisor-engine", daemon=True)]
 
     def start(self) -> "Supervisor":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self._threads[0].join(10)
 
     def health(self) -> tuple[bool, bool, str]:
         v = self.verdict
         return v.ready, v.live, v.why
 
-    def _loop(self) -> None:
-        next_probe, failing_since = time.monotonic(), None
+    def _watch_stubs(self) -> None:
         while not self._stop.wait(self.interval_s):
             missing = self.missing_stubs()
             if missing:
                 self._fatal(missing)
-                return
-            if time.monotonic() < next_probe:
-                continue
+
+    def _watch_engine(self) -> None:
+        failing_since, wait = None, self.interval_s
+        while not self._stop.wait(wait):
+            wait = self.probe_every_s
             try:
                 self.probe()
-                failing_since = None
-                self.verdict.ready, self.verdict.why = True, ""
             except Exception as exc:  # noqa: BLE001 - any failure means: cannot generate now
+                if self._stop.is_set():
+                    return
                 failing_since = failing_since or time.monotonic()
                 self.verdict.ready, self.verdict.why = False, f"the engine cannot generate: {exc}"
                 log.warning("%s", self.verdict.why)
                 if time.monotonic() - failing_since > self.dead_after_s:
                     self._fatal(f"{self.verdict.why} (for {self.dead_after_s:.0f} s)")
-                    return
-            next_probe = time.monotonic() + self.probe_every_s
+                continue
+            if not self._stop.is_set():
+                failing_since = None
+                self.verdict.ready, self.verdict.why = True, ""
 
     def missing_stubs(self) -> str:
         alive = stub_counts(self.server_pid)
@@ -155,6 +162,10 @@ class Supervisor:
         return "a model process died: " + ", ".join(dead) if dead else ""
 
     def _fatal(self, why: str) -> None:
-        self.verdict = Verdict(ready=False, live=False, why=why, fatal=why)
+        with self._fatal_once:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            self.verdict = Verdict(ready=False, live=False, why=why, fatal=why)
         log.error("stopping the server: %s", why)
         self.kill()

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
+import subprocess
 from typing import Iterable
 
 import numpy as np
@@ -21,22 +20,18 @@ def pb():
     return pb_utils
 
 
-def exit_with_server(interval_s: float = 1.0) -> threading.Thread:
-    """End this stub process as soon as its `tritonserver` is gone (the stub is re-parented).
+def exit_with_server(interval_s: int = 1) -> subprocess.Popen:
+    """End this stub process as soon as its `tritonserver` is gone. Call once from `initialize`.
 
     The backend's own check can deadlock: when the server dies while a stub thread waits in a
-    metric call (`Metric.set`), the stub never exits and keeps its engine's memory (about 1 GB
-    for the llama.cpp engine) for ever. Call once from `initialize`."""
-    server = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == server:
-            time.sleep(interval_s)
-        os._exit(1)
-
-    thread = threading.Thread(target=watch, name="exit-with-server", daemon=True)
-    thread.start()
-    return thread
+    metric call (`Metric.set`, which holds the GIL), the stub never exits and keeps its engine's
+    memory (about 1 GB for the llama.cpp engine) for ever. So the watch is a small shell process,
+    which needs neither the stub's GIL nor its threads."""
+    server, stub = os.getppid(), os.getpid()
+    watch = (f"while kill -0 {server} && kill -0 {stub}; do sleep {interval_s}; done 2>/dev/null; "
+             f"kill -9 {stub} 2>/dev/null")
+    return subprocess.Popen(["sh", "-c", watch], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def read_inputs(request, tensors: Iterable[Tensor]) -> dict[str, np.ndarray]:

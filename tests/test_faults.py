@@ -125,7 +125,10 @@ def test_a_killed_model_process_fails_clients_at_once_and_the_server_exits(defau
         killed = time.monotonic()
         os.kill(stubs[0], signal.SIGKILL)
         for s in streams:
-            assert s.ended.wait(15), "a client still waits 15 s after the model process died"
+            if not s.ended.wait(15):
+                serve.kill()
+                pytest.fail(f"a client still waits 15 s after the model process died; bayling serve said: "
+                            f"{serve.communicate()[1][-2000:]}")
             assert s.error is not None
         code = serve.wait(30)       # (raises if it does not exit)
         assert code != 0 and time.monotonic() - killed < 30
