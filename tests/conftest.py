@@ -59,6 +59,17 @@ def llama_tokenizer(llama_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
 
 
+@pytest.fixture(scope="session")
+def prompt_and_script(llama_tokenizer) -> tuple[list[int], list[int]]:
+    """The scripted model's chat prompt ("hi" in BayLing's template) and the tokens it answers with."""
+    from bayling.templates import builtin_template
+    from bayling.tokenization import PromptEncoder
+
+    encoder = PromptEncoder(llama_tokenizer, builtin_template("bayling"))
+    prompt = encoder.encode_messages([{"role": "user", "content": "hi"}]).ids
+    return prompt, llama_tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
+
+
 def _default_engine(target: str) -> Path:
     from bayling.paths import default_engine_dir
 

@@ -8,9 +8,8 @@ import time
 import pytest
 
 from bayling.manifest import ENGINE_SUBDIRS
-from bayling.templates import builtin_template
-from bayling.tokenization import PromptEncoder
 from tests.client_helpers import Collector
+from tests.engine_checks import check_concurrent_requests_stay_separate, greedy, stream_behind_a_slow_first_send
 from bayling.model_repository.engine_ct2 import Ct2Engine, EngineRequest
 
 
@@ -20,20 +19,6 @@ def engine(scripted_ct2_engine):
     yield e
     e.shutdown()
     del e.generator
-
-
-@pytest.fixture(scope="module")
-def prompt_and_script(llama_tokenizer):
-    from tests.conftest import SCRIPT_TEXT
-
-    encoder = PromptEncoder(llama_tokenizer, builtin_template("bayling"))
-    prompt = encoder.encode_messages([{"role": "user", "content": "hi"}]).ids
-    return prompt, llama_tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
-
-
-def greedy(prompt, request_id="", **kw):
-    return EngineRequest(request_id=request_id, input_ids=prompt, max_new_tokens=kw.pop("max_new_tokens", 64),
-                         end_id=2, top_k=1, **kw)
 
 
 def test_greedy_follows_the_script_and_ends_at_end_id(engine, prompt_and_script):
@@ -83,14 +68,7 @@ def test_max_new_tokens_and_stop_words(engine, prompt_and_script):
 
 
 def test_concurrent_requests_share_a_batch_and_stay_separate(engine, prompt_and_script):
-    prompt, script = prompt_and_script
-    outs = [Collector() for _ in range(6)]
-    before = len(engine.batch_sizes)
-    for i, out in enumerate(outs):
-        engine.submit(greedy(prompt, max_new_tokens=2 + i), out)
-    for i, out in enumerate(outs):
-        assert out.wait().tokens == script[:2 + i]
-    assert max(list(engine.batch_sizes)[before:]) > 1
+    check_concurrent_requests_stay_separate(engine, *prompt_and_script)
 
 
 def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script, scripted_ct2_engine):
@@ -283,23 +261,13 @@ def test_a_newcomer_starts_its_own_batch_rather_than_stall_one_far_into_its_answ
 def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_ct2_engine, prompt_and_script):
     prompt, script = prompt_and_script
     engine = Ct2Engine(str(scripted_ct2_engine / ENGINE_SUBDIRS["ctranslate2"]), one_token_per_response=True)
-    out, first = Collector(), threading.Event()
-
-    def slow(emission):
-        if not out.emissions:
-            first.wait(10)
-        out(emission)
-
     try:
-        engine.submit(greedy(prompt, streaming=True), slow)
-        time.sleep(0.5)               # tokens pile up behind the slow first send ...
-        first.set()
-        out.wait()
+        out = stream_behind_a_slow_first_send(engine, prompt)
     finally:
         engine.shutdown()
         del engine.generator
     assert out.tokens == script
-    assert all(len(e.token_ids) <= 1 for e in out.emissions)   # ... and still leave one by one
+    assert all(len(e.token_ids) <= 1 for e in out.emissions)
 
 
 # --- step-wise decoding (stepwise.py): logit bias, OpenAI penalties, generation logits

@@ -4,8 +4,6 @@ seeds), and what a serving engine's scheduler must do: a newcomer is answered wh
 a finished sequence frees its slot at once, requests with penalties or min_length run beside others.
 The scripted tiny model's greedy output is known exactly (tests/models.py)."""
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,9 +13,8 @@ from bayling.errors import InvalidInput
 from bayling.manifest import ENGINE_SUBDIRS
 from bayling.model_repository.engine_ct2 import EngineRequest
 from bayling.model_repository.engine_llamacpp import LlamaCppEngine
-from bayling.templates import builtin_template
-from bayling.tokenization import PromptEncoder
 from tests.client_helpers import Collector
+from tests.engine_checks import check_concurrent_requests_stay_separate, greedy, stream_behind_a_slow_first_send
 
 
 def gguf(engine_dir) -> str:
@@ -36,20 +33,6 @@ def smol(default_engine):
     e = LlamaCppEngine(gguf(default_engine), context=512, max_batch_size=4)
     yield e
     e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def prompt_and_script(llama_tokenizer):
-    from tests.conftest import SCRIPT_TEXT
-
-    encoder = PromptEncoder(llama_tokenizer, builtin_template("bayling"))
-    prompt = encoder.encode_messages([{"role": "user", "content": "hi"}]).ids
-    return prompt, llama_tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
-
-
-def greedy(prompt, request_id="", **kw):
-    return EngineRequest(request_id=request_id, input_ids=prompt, max_new_tokens=kw.pop("max_new_tokens", 64),
-                         end_id=kw.pop("end_id", 2), top_k=1, **kw)
 
 
 def chat_ids(tokenizer, text):
@@ -85,14 +68,7 @@ def test_max_new_tokens_stop_words_and_min_length(engine, prompt_and_script):
 
 
 def test_concurrent_requests_share_steps_and_stay_separate(engine, prompt_and_script):
-    prompt, script = prompt_and_script
-    outs = [Collector() for _ in range(6)]
-    before = len(engine.batch_sizes)
-    for i, out in enumerate(outs):
-        engine.submit(greedy(prompt, max_new_tokens=2 + i), out)
-    for i, out in enumerate(outs):
-        assert out.wait().tokens == script[:2 + i]
-    assert max(list(engine.batch_sizes)[before:]) > 1
+    check_concurrent_requests_stay_separate(engine, *prompt_and_script)
 
 
 def test_cancellation_and_stop_request_end_generation(engine, prompt_and_script):
@@ -224,22 +200,12 @@ def test_one_token_per_response_streams_as_tensorrt_llm_does(scripted_engine, pr
     prompt, script = prompt_and_script
     engine = LlamaCppEngine(gguf(scripted_engine), context=256, max_batch_size=2, threads=1,
                             one_token_per_response=True)
-    out, first = Collector(), threading.Event()
-
-    def slow(emission):
-        if not out.emissions:
-            first.wait(10)
-        out(emission)
-
     try:
-        engine.submit(greedy(prompt, streaming=True), slow)
-        time.sleep(0.5)               # tokens pile up behind the slow first send ...
-        first.set()
-        out.wait()
+        out = stream_behind_a_slow_first_send(engine, prompt)
     finally:
         engine.shutdown()
     assert out.tokens == script
-    assert all(len(e.token_ids) <= 1 for e in out.emissions)   # ... and still leave one by one
+    assert all(len(e.token_ids) <= 1 for e in out.emissions)
 
 
 def test_a_prompt_reuses_the_cache_of_a_finished_one_with_the_same_beginning(engine, prompt_and_script):

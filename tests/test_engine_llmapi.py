@@ -28,6 +28,7 @@ from bayling.errors import BaylingError, InvalidInput
 from bayling.manifest import ENGINE_SUBDIRS, read_manifest
 from bayling.model_repository import engine_io
 from tests.client_helpers import Collector
+from tests.engine_checks import greedy, stream_behind_a_slow_first_send
 from bayling.model_repository.engine_ct2 import EngineRequest
 from bayling.model_repository.engine_llmapi import (LlmApiEngine, LlmApiSettings, load_llm, sampling_kwargs,
                                                     token_log_probs)
@@ -36,12 +37,6 @@ from tests.conftest import ROOT, SCRIPT_SHOWN, bayling_cli
 
 API = release_options()["llm_api"]
 STANDIN = "tests.llmapi_standin:LLM"
-
-
-def greedy(prompt, request_id="", **kw):
-    kw.setdefault("end_id", 2)
-    return EngineRequest(request_id=request_id, input_ids=prompt, max_new_tokens=kw.pop("max_new_tokens", 64),
-                         top_k=1, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +67,6 @@ def engine(standin_engine_dir):
     e = LlmApiEngine(llm, sampling_params, vocab_size=manifest.vocab_size, default_end_id=manifest.eos_id)
     yield e
     e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def prompt_and_script(llama_tokenizer):
-    from bayling.templates import builtin_template
-    from bayling.tokenization import PromptEncoder
-    from tests.conftest import SCRIPT_TEXT
-
-    encoder = PromptEncoder(llama_tokenizer, builtin_template("bayling"))
-    prompt = encoder.encode_messages([{"role": "user", "content": "hi"}]).ids
-    return prompt, llama_tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
 
 
 # ------------------------------------------------------------------------------- the build
@@ -345,17 +329,8 @@ def test_active_and_scheduled_requests_are_counted_as_the_cpp_backend_reports_th
 
 def test_a_slow_client_gets_the_tokens_made_meanwhile_in_one_response(engine, prompt_and_script):
     prompt, script = prompt_and_script
-    out, first = Collector(), threading.Event()
-
-    def slow(emission):
-        if not out.emissions:
-            first.wait(10)
-        out(emission)
-
-    engine.submit(greedy(prompt, streaming=True), slow)
-    time.sleep(1.0)
-    first.set()
-    assert out.wait().tokens == script
+    out = stream_behind_a_slow_first_send(engine, prompt, pause_s=1.0)
+    assert out.tokens == script
     assert len(out.emissions) < len(script)
 
 
