@@ -47,11 +47,13 @@ def test_greedy_follows_the_script_and_ends_at_end_id(engine, prompt_and_script)
     assert len(out.emissions) == 1 and out.emissions[0].final   # not streaming: one response
 
 
-def test_streaming_sends_tokens_as_they_are_made(engine, prompt_and_script):
-    prompt, script = prompt_and_script
+def test_streaming_sends_tokens_as_they_are_made(smol, smol_tokenizer):
+    # On the real model (about 10 ms a token), not the scripted one: that one can finish all its tokens
+    # before a busy machine lets the relay send the first, which is correct but streams nothing.
     out = Collector()
-    engine.submit(greedy(prompt, streaming=True), out)
-    assert out.wait().tokens == script
+    smol.submit(greedy(chat_ids(smol_tokenizer, "Tell me a story."), end_id=-1, max_new_tokens=32,
+                       streaming=True), out)
+    assert len(out.wait().tokens) == 32
     assert len(out.emissions) > 1 and [e.final for e in out.emissions] == [False] * (len(out.emissions) - 1) + [True]
 
 
