@@ -20,11 +20,11 @@ import json
 import time
 from typing import AsyncIterator, Sequence
 
-from bayling.client.library import (DEFAULT_TIMEOUT, GRPC_ERROR_HEADERS, MODEL, RESOLVE_EVERY, Balancer,
+from bayling.client.library import (DEFAULT_TIMEOUT, MODEL, RESOLVE_EVERY, Balancer,
                                     BayLingServerError, ChatResult, Endpoint, ModelInfo, addresses_from_addrinfo,
                                     backoff_delays, final_result, grpc_channel_args, grpc_inputs, grpc_outputs,
                                     grpc_status_error, http_error, httpx_options, model_info_from_config,
-                                    no_server_error, parse_targets, request_values, sse_event)
+                                    no_server_error, parse_targets, request_values, sse_event, stream_error)
 from bayling.client.library import add_token_logprobs
 
 
@@ -81,12 +81,12 @@ class _AioGrpcTransport:
         async def one_request():
             yield request
 
-        call = self._client.stream_infer(one_request(), stream_timeout=timeout, headers=GRPC_ERROR_HEADERS)
+        call = self._client.stream_infer(one_request(), stream_timeout=timeout)
         finished = False
         try:
             async for result, error in call:
                 if error is not None:
-                    raise BayLingServerError("INTERNAL", error.message())
+                    raise stream_error(error.status(), error.message())
                 outputs, final = grpc_outputs(result)
                 finished = finished or final
                 yield outputs, final

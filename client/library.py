@@ -35,7 +35,6 @@ from bayling.params import validate
 from bayling.templates import validate_messages
 
 MODEL = contract.ENTRY_MODEL
-GRPC_ERROR_HEADERS = {"triton_grpc_error": "true"}   # errors as gRPC status codes, not in-band messages
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -89,6 +88,17 @@ def grpc_status_error(code, details: str) -> BayLingServerError:
     """From a grpc.StatusCode (or its string form "StatusCode.X")."""
     name = getattr(code, "name", None) or str(code).rsplit(".", 1)[-1]
     return BayLingServerError(name or "UNKNOWN", details or name)
+
+
+def stream_error(code, details: str) -> BayLingServerError:
+    """An error on a gRPC stream. Without a status it came in-band, as Triton sends a model's error on a
+    stream by default; bad input then names its field first ("max_tokens: must be ..."). (Triton's
+    `triton_grpc_error` header would give statuses, but tritonserver 2.51 can crash on a model's error
+    response in that mode: docs/serving.md, "Limits and failure behaviour".)"""
+    if code:
+        return grpc_status_error(code, details)
+    error = BayLingServerError("INTERNAL", details)
+    return BayLingServerError("INVALID_ARGUMENT", details) if error.field else error
 
 
 def as_messages(messages: str | Sequence[dict]) -> list[dict]:
@@ -442,7 +452,7 @@ class _GrpcTransport:
         finished = False
         try:
             client.start_stream(callback=lambda result, error: answers.put((result, error)),
-                                stream_timeout=timeout, headers=GRPC_ERROR_HEADERS)
+                                stream_timeout=timeout)
             try:
                 client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
             except self._grpcclient.InferenceServerException:
@@ -453,14 +463,14 @@ class _GrpcTransport:
                     raise
                 if error is None:
                     raise
-                raise grpc_status_error(error.status(), error.message()) from None
+                raise stream_error(error.status(), error.message()) from None
             while True:
                 try:
                     result, error = answers.get(timeout=timeout + 5)
                 except queue.Empty:
                     raise BayLingServerError("DEADLINE_EXCEEDED", f"no answer within {timeout:g} s") from None
                 if error is not None:
-                    raise grpc_status_error(error.status(), error.message())
+                    raise stream_error(error.status(), error.message())
                 outputs, final = grpc_outputs(result)
                 if final:
                     finished = True

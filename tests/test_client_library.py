@@ -293,3 +293,28 @@ def test_a_dns_name_stands_for_every_address_it_resolves_to(default_server):
         with pytest.raises(BayLingServerError) as caught:
             nowhere.chat(FRANCE, max_tokens=4)
         assert caught.value.status == "UNAVAILABLE" and "no-such-host.invalid" in str(caught.value)
+
+
+def test_many_refused_requests_at_once_leave_the_server_serving(default_server):
+    """With Triton's `triton_grpc_error` stream mode, a burst of refusals from the models crashed
+    tritonserver 2.51 within seconds (signal 11). The client reads errors in-band: same statuses, and the
+    server lives on."""
+    too_long = "word " * 5000                             # past the context: the server refuses it by name
+    failures: list[BayLingServerError] = []
+
+    def refused_ten():
+        with BayLingClient(default_server.grpc, retries=0) as c:
+            for _ in range(10):
+                with pytest.raises(BayLingServerError) as failure:
+                    c.chat(too_long, max_tokens=4)
+                failures.append(failure.value)
+
+    threads = [threading.Thread(target=refused_ten) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(failures) == 60
+    assert {(f.status, f.field) for f in failures} == {("INVALID_ARGUMENT", "messages")}
+    with BayLingClient(default_server.grpc) as c:
+        assert c.chat(FRANCE, max_tokens=8, **GREEDY).text

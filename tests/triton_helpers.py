@@ -36,12 +36,11 @@ def grpc_inputs(model: str, values: dict) -> list:
 
 def grpc_stream(url: str, values: dict, model: str = "bayling", *, read_pieces: int | None = None,
                 timeout: float = 120) -> Result:
-    """One request over a gRPC stream. Errors come back as gRPC status codes (triton_grpc_error).
-    With `read_pieces`, cancel the stream after that many pieces."""
+    """One request over a gRPC stream. Errors come back in-band (Triton's default; its `triton_grpc_error`
+    mode can crash tritonserver 2.51). With `read_pieces`, cancel the stream after that many pieces."""
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                        headers={"triton_grpc_error": "true"})
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
     result = Result()
     try:
         client.async_stream_infer(model, grpc_inputs(model, values), enable_empty_final_response=True)
