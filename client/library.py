@@ -67,8 +67,13 @@ class BayLingServerError(BaylingError):
         super().__init__(message if status in ("INVALID_ARGUMENT", "INTERNAL") else f"{status}: {message}")
         self.status = status
         self.message = message
-        head, sep, _ = message.partition(": ")
-        self.field = head if sep and head.replace("_", "").isalnum() and head.islower() else None
+        self.field = field_named_in(message)
+
+
+def field_named_in(message: str) -> str | None:
+    """The request field a message starts with ("max_tokens: must be ..." -> "max_tokens"), if any."""
+    head, sep, _ = message.partition(": ")
+    return head if sep and head.replace("_", "").isalnum() and head.islower() else None
 
 
 HTTP_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -97,8 +102,7 @@ def stream_error(code, details: str) -> BayLingServerError:
     response in that mode: docs/serving.md, "Limits and failure behaviour".)"""
     if code:
         return grpc_status_error(code, details)
-    error = BayLingServerError("INTERNAL", details)
-    return BayLingServerError("INVALID_ARGUMENT", details) if error.field else error
+    return BayLingServerError("INVALID_ARGUMENT" if field_named_in(details or "") else "INTERNAL", details)
 
 
 def as_messages(messages: str | Sequence[dict]) -> list[dict]:

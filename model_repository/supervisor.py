@@ -142,18 +142,16 @@ class Supervisor:
             wait = self.probe_every_s
             try:
                 self.probe()
+                failing_since, why = None, ""
             except Exception as exc:  # noqa: BLE001 - any failure means: cannot generate now
-                if self._stop.is_set():
-                    return
-                failing_since = failing_since or time.monotonic()
-                self.verdict.ready, self.verdict.why = False, f"the engine cannot generate: {exc}"
-                log.warning("%s", self.verdict.why)
+                failing_since, why = failing_since or time.monotonic(), f"the engine cannot generate: {exc}"
+            if self._stop.is_set():   # stopped or fatal while probing: the verdict stays as it is
+                return
+            self.verdict.ready, self.verdict.why = not why, why
+            if why:
+                log.warning("%s", why)
                 if time.monotonic() - failing_since > self.dead_after_s:
-                    self._fatal(f"{self.verdict.why} (for {self.dead_after_s:.0f} s)")
-                continue
-            if not self._stop.is_set():
-                failing_since = None
-                self.verdict.ready, self.verdict.why = True, ""
+                    self._fatal(f"{why} (for {self.dead_after_s:.0f} s)")
 
     def missing_stubs(self) -> str:
         alive = stub_counts(self.server_pid)

@@ -120,7 +120,7 @@ def test_a_killed_model_process_fails_clients_at_once_and_the_server_exits(defau
         streams = [OpenStream(url, LONG) for _ in range(8)]
         assert all(s.first.wait(60) for s in streams)
         triton = server_pid(serve)
-        stubs = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_stub_of(int(p), triton, model)]
+        stubs = stub_pids(triton, model)
         assert stubs and stub_counts(triton)[model] == len(stubs)
         killed = time.monotonic()
         os.kill(stubs[0], signal.SIGKILL)
@@ -179,8 +179,8 @@ def test_no_model_process_outlives_a_killed_tritonserver(default_engine, tmp_pat
         server.stop()
 
 
-def stub_pids(server: int) -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_stub_of(int(p), server)]
+def stub_pids(server: int, model: str = "") -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_stub_of(int(p), server, model)]
 
 
 def _alive(pid: int) -> bool:
@@ -188,3 +188,30 @@ def _alive(pid: int) -> bool:
         return open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_the_engine_probe_sets_readiness_and_a_long_failure_stops_the_server():
+    """The probe's verdict, in its own thread: failing -> not ready (why given), working again -> ready,
+    failing past dead_after_s -> fatal, the server killed once."""
+    from bayling.model_repository.supervisor import Supervisor
+
+    failing, killed = threading.Event(), []
+    failing.set()
+
+    def probe():
+        if failing.is_set():
+            raise RuntimeError("no token")
+
+    supervisor = Supervisor(os.getpid(), {}, probe, lambda: killed.append(1),
+                            interval_s=0.05, probe_every_s=0.05, dead_after_s=60).start()
+    try:
+        wait_for = lambda check: any(check() or time.sleep(0.05) for _ in range(100))  # noqa: E731
+        assert wait_for(lambda: supervisor.health() == (False, True, "the engine cannot generate: no token"))
+        failing.clear()
+        assert wait_for(lambda: supervisor.health() == (True, True, ""))
+        supervisor.dead_after_s = 0.2
+        failing.set()
+        assert wait_for(lambda: supervisor.verdict.fatal)
+        assert supervisor.health()[:2] == (False, False) and killed == [1]
+    finally:
+        supervisor.stop()
