@@ -12,7 +12,7 @@ from bayling.build_engine.gguf_build import GGUF_NAME
 from bayling.errors import InvalidInput
 from bayling.manifest import ENGINE_SUBDIRS
 from bayling.model_repository.engine_ct2 import EngineRequest
-from bayling.model_repository.engine_llamacpp import LlamaCppEngine
+from bayling.model_repository.engine_llamacpp import LlamaCppEngine, LlamaModel, shared_prefix
 from tests.client_helpers import Collector
 from tests.engine_checks import check_concurrent_requests_stay_separate, greedy, stream_behind_a_slow_first_send
 
@@ -225,3 +225,65 @@ def test_a_prompt_reuses_the_cache_of_a_finished_one_with_the_same_beginning(eng
     engine.submit(greedy(prompt + script + prompt, max_new_tokens=4), longer)
     longer.wait()
     assert engine.reused_tokens - before >= 2 * len(prompt) - 1 + len(script) - 1
+
+
+SYSTEM = ("You are a careful assistant for a lighthouse museum. Answer in one short sentence, in plain words, "
+          "and never mention that you are an assistant.")
+
+
+def museum_chat(tokenizer, question):
+    return tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+                                         add_generation_prompt=True)["input_ids"]
+
+
+def test_a_cache_copied_from_another_slot_is_the_one_computed_there(default_engine, smol_tokenizer):
+    """A copy of slot 0's prefix into slot 1, then the rest of a prompt: the same logits to the last bit as
+    computing that rest in slot 0 itself."""
+    first, second = museum_chat(smol_tokenizer, "Who lit the lamp?"), museum_chat(smol_tokenizer, "How tall is it?")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    tail = second[shared:]
+
+    def rest_in(model, slot):
+        n = len(tail)
+        model.tokens[:n], model.positions[:n], model.seq_ids[:n] = tail, np.arange(shared, shared + n), slot
+        model.wants_logits[:n] = 0
+        model.wants_logits[n - 1] = 1
+        assert model.decode(n) == 0
+        return model.logits(1)[0].copy()
+
+    with LlamaModel(gguf(default_engine), slots=2, context=256, threads=1) as model:
+        model.decode_prompt(first, seq=0)       # computes, then forgets: compute again and keep it
+        n = len(first)
+        model.tokens[:n], model.positions[:n], model.seq_ids[:n], model.wants_logits[:n] = first, np.arange(n), 0, 0
+        assert model.decode(n) == 0
+        model.copy(0, 1)
+        model.forget(1, shared)
+        copied = rest_in(model, 1)
+        model.forget(0, shared)
+        assert np.array_equal(copied, rest_in(model, 0))
+
+
+def test_requests_arriving_together_with_one_beginning_prefill_it_once(default_engine, smol_tokenizer):
+    """Four chats with one system prompt at once: the first prefills its prompt, the other three wait for
+    that (one step), copy the shared beginning and prefill only their own question; each answers what it
+    answers alone."""
+    questions = ["Who lit the lamp?", "How tall is the tower?", "When did the last keeper leave?", "Is it open today?"]
+    prompts = [museum_chat(smol_tokenizer, q) for q in questions]
+    shared = min(next(i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b) for p in prompts[1:])
+    assert shared > 30
+
+    def answers(prompts, slots):
+        engine = LlamaCppEngine(gguf(default_engine), context=256, max_batch_size=slots)
+        try:
+            outs = [Collector() for _ in prompts]
+            for prompt, out in zip(prompts, outs):
+                engine.submit(EngineRequest("", prompt, 8, end_id=-1, top_k=1), out)
+            return [out.wait().tokens for out in outs], engine
+        finally:
+            engine.shutdown()
+
+    together, engine = answers(prompts, slots=4)
+    assert engine.copied_prefixes == 3
+    own = sum(len(p) - shared_prefix(prompts[0], p) for p in prompts[1:])
+    assert engine.prefilled_tokens == len(prompts[0]) + own < sum(map(len, prompts)) / 2
+    assert together == [answers([p], slots=1)[0][0] for p in prompts]
