@@ -309,10 +309,11 @@ class LlamaCppEngine(ResponsesMixin):
             if sequence.cancelled:
                 self._finish(sequence)
                 continue
-            if self._prefix_in_progress(sequence.request.input_ids):
+            held = self._held_prefixes(sequence.request.input_ids)
+            if self._prefix_in_progress(sequence.request.input_ids, held):
                 waiting.append(sequence)
                 continue
-            self._take_slot(sequence)
+            self._take_slot(sequence, held)
             request = sequence.request
             if not request.greedy:
                 sequence.sampler = self.model.sampler(request)
@@ -323,45 +324,43 @@ class LlamaCppEngine(ResponsesMixin):
             self._running.append(sequence)
         self._pending.extendleft(reversed(waiting))
 
-    def _take_slot(self, sequence: _Sequence) -> None:
+    def _take_slot(self, sequence: _Sequence, held: dict[int, int]) -> None:
         """Prefix reuse: a finished sequence's cache stays in its slot, and a newcomer takes the free slot
         whose cache shares the longest prefix with its prompt (a system prompt, the turns of a chat so far),
         prefilling only the rest. One prompt token is always left to decode, for the first token's logits.
         Worked example: cached [s1 s2 u1 a1], prompt [s1 s2 u2]: the slot keeps s1 s2, prefills u2.
-        When another slot (running, or free) holds a longer prefix, the newcomer's slot gets a copy of it."""
-        prompt = sequence.request.input_ids
+        When another slot (running, or free) holds a longer prefix, the newcomer's slot gets a copy of it.
+        `held`: slot -> prefix shared with the prompt (`_held_prefixes`)."""
         # ties (no cache, or the same shared prefix) go to the lowest slot: see _step on keeping them packed
-        best = max(self._free_slots, key=lambda slot: (shared_prefix(self._cached.get(slot, ()), prompt), -slot))
+        best = max(self._free_slots, key=lambda slot: (held.get(slot, 0), -slot))
         self._free_slots.remove(best)
-        keep = shared_prefix(self._cached.pop(best, ()), prompt)
-        source, longer = self._longest_prefix(prompt)
-        if longer >= keep + self.copy_min_tokens:
+        self._cached.pop(best, None)
+        keep = held.get(best, 0)
+        source = max((slot for slot in held if slot != best), key=held.__getitem__, default=None)
+        if source is not None and held[source] >= keep + self.copy_min_tokens:
             self.model.copy(source, best)
             self.copied_prefixes += 1
-            keep = longer
+            keep = held[source]
         self.model.forget(best, keep)
         sequence.slot, sequence.fed = best, keep
         self.reused_tokens += keep
 
-    def _computed(self):
-        """(slot, the tokens its cache holds) of every slot that holds any."""
+    def _held_prefixes(self, prompt: list[int]) -> dict[int, int]:
+        """Slot -> how long a prefix of `prompt` its cache holds, for every slot that holds any tokens: the
+        running sequences' (what they have fed so far) and the free slots' (what their last one left)."""
+        held = {}
         for s in self._running:
             ids = s.request.input_ids
-            yield s.slot, (ids[:s.fed] if s.prefilling else ids + s.generated[:s.decoded])
-        yield from self._cached.items()
+            held[s.slot] = shared_prefix(ids[:s.fed] if s.prefilling else ids + s.generated[:s.decoded], prompt)
+        for slot, tokens in self._cached.items():
+            held[slot] = shared_prefix(tokens, prompt)
+        return held
 
-    def _longest_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """The slot whose cache shares the longest prefix with `prompt`, and how long (-1, 0: none)."""
-        return max(((slot, shared_prefix(tokens, prompt)) for slot, tokens in self._computed()),
-                   key=lambda pair: pair[1], default=(-1, 0))
-
-    def _prefix_in_progress(self, prompt: list[int]) -> bool:
+    def _prefix_in_progress(self, prompt: list[int], held: dict[int, int]) -> bool:
         """Whether a sequence still prefilling will soon hold a prefix of `prompt` worth copying, longer than
         any cache holds now."""
         coming = max((shared_prefix(s.request.input_ids, prompt) for s in self._running if s.prefilling), default=0)
-        if coming < self.copy_min_tokens:
-            return False
-        return coming >= self._longest_prefix(prompt)[1] + self.copy_min_tokens
+        return coming >= max(held.values(), default=0) + self.copy_min_tokens
 
     def _step(self) -> None:
         """One llama_decode: the next token of every generating sequence, and prompt chunks of newcomers."""

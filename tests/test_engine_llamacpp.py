@@ -35,8 +35,10 @@ def smol(default_engine):
     e.shutdown()
 
 
-def chat_ids(tokenizer, text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
+def chat_ids(tokenizer, text, system=""):
+    messages = [{"role": "system", "content": system}] if system else []
+    return tokenizer.apply_chat_template([*messages, {"role": "user", "content": text}],
+                                         add_generation_prompt=True)["input_ids"]
 
 
 def test_greedy_follows_the_script_and_ends_at_end_id(engine, prompt_and_script):
@@ -231,36 +233,30 @@ SYSTEM = ("You are a careful assistant for a lighthouse museum. Answer in one sh
           "and never mention that you are an assistant.")
 
 
-def museum_chat(tokenizer, question):
-    return tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-                                         add_generation_prompt=True)["input_ids"]
+def decode(model, ids, start, slot):
+    """Feed `ids` at positions start... of `slot`; the logits after the last one."""
+    n = len(ids)
+    model.tokens[:n], model.positions[:n], model.seq_ids[:n] = ids, np.arange(start, start + n), slot
+    model.wants_logits[:n] = 0
+    model.wants_logits[n - 1] = 1
+    assert model.decode(n) == 0
+    return model.logits(1)[0].copy()
 
 
 def test_a_cache_copied_from_another_slot_is_the_one_computed_there(default_engine, smol_tokenizer):
     """A copy of slot 0's prefix into slot 1, then the rest of a prompt: the same logits to the last bit as
     computing that rest in slot 0 itself."""
-    first, second = museum_chat(smol_tokenizer, "Who lit the lamp?"), museum_chat(smol_tokenizer, "How tall is it?")
-    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    first = chat_ids(smol_tokenizer, "Who lit the lamp?", SYSTEM)
+    second = chat_ids(smol_tokenizer, "How tall is it?", SYSTEM)
+    shared = shared_prefix(first, second)
     tail = second[shared:]
-
-    def rest_in(model, slot):
-        n = len(tail)
-        model.tokens[:n], model.positions[:n], model.seq_ids[:n] = tail, np.arange(shared, shared + n), slot
-        model.wants_logits[:n] = 0
-        model.wants_logits[n - 1] = 1
-        assert model.decode(n) == 0
-        return model.logits(1)[0].copy()
-
     with LlamaModel(gguf(default_engine), slots=2, context=256, threads=1) as model:
-        model.decode_prompt(first, seq=0)       # computes, then forgets: compute again and keep it
-        n = len(first)
-        model.tokens[:n], model.positions[:n], model.seq_ids[:n], model.wants_logits[:n] = first, np.arange(n), 0, 0
-        assert model.decode(n) == 0
+        decode(model, first, 0, slot=0)
         model.copy(0, 1)
         model.forget(1, shared)
-        copied = rest_in(model, 1)
+        copied = decode(model, tail, shared, slot=1)
         model.forget(0, shared)
-        assert np.array_equal(copied, rest_in(model, 0))
+        assert np.array_equal(copied, decode(model, tail, shared, slot=0))
 
 
 def test_requests_arriving_together_with_one_beginning_prefill_it_once(default_engine, smol_tokenizer):
@@ -268,9 +264,8 @@ def test_requests_arriving_together_with_one_beginning_prefill_it_once(default_e
     that (one step), copy the shared beginning and prefill only their own question; each answers what it
     answers alone."""
     questions = ["Who lit the lamp?", "How tall is the tower?", "When did the last keeper leave?", "Is it open today?"]
-    prompts = [museum_chat(smol_tokenizer, q) for q in questions]
-    shared = min(next(i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b) for p in prompts[1:])
-    assert shared > 30
+    prompts = [chat_ids(smol_tokenizer, q, SYSTEM) for q in questions]
+    assert min(shared_prefix(prompts[0], p) for p in prompts[1:]) > 30
 
     def answers(prompts, slots):
         engine = LlamaCppEngine(gguf(default_engine), context=256, max_batch_size=slots)
