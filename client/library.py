@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import queue
 import random
+import struct
 import threading
 import time
 from contextlib import closing
@@ -415,7 +416,28 @@ def grpc_outputs(result) -> tuple[dict, bool]:
     """(outputs, final) of one streamed gRPC InferResult."""
     response = result.get_response()
     final = response.parameters["triton_final_response"].bool_param
-    return outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs}), final
+    if len(response.raw_output_contents) != len(response.outputs):
+        return outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs}), final
+    return outputs_from_raw(response.outputs, response.raw_output_contents), final
+
+
+_RAW_SCALARS = {"BOOL": struct.Struct("?"), "INT32": struct.Struct("<i"), "INT64": struct.Struct("<q"),
+                "FP32": struct.Struct("<f")}
+
+
+def outputs_from_raw(outputs, contents) -> dict:
+    """As `outputs_from_arrays`, read straight from a response's raw tensors (no numpy per token): the
+    first element of each non-empty one. A BYTES element is its 4-byte little-endian length, then
+    the bytes: b"\\x02\\x00\\x00\\x00hi" -> "hi"."""
+    out = {}
+    for tensor, raw in zip(outputs, contents):
+        if not raw:
+            continue
+        if tensor.datatype == "BYTES":
+            out[tensor.name] = raw[4:4 + int.from_bytes(raw[:4], "little")].decode("utf-8")
+        else:
+            out[tensor.name] = _RAW_SCALARS[tensor.datatype].unpack_from(raw)[0]
+    return out
 
 
 def sse_event(line: str) -> tuple[dict, bool] | None:

@@ -34,6 +34,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from bayling.client.library import BALANCE_POLICIES
 from bayling.errors import BaylingError
@@ -141,6 +142,18 @@ def finish(reason: str) -> str:
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+_MARK = "\x00text\x00"
+
+
+def filled_in(render: Callable[[str], str]) -> Callable[[str], str]:
+    """`render(text)` without building models per token: render once with a marker for the text, then
+    put each text in its place as a JSON string. filled_in(render)('a "b"') == render('a "b"')."""
+    head, found, tail = render(_MARK).partition(json.dumps(_MARK, ensure_ascii=False))
+    if not found:
+        return render
+    return lambda text: f"{head}{json.dumps(text, ensure_ascii=False)}{tail}"
 
 
 def create_app(url: str = "localhost:8001", protocol: str | None = None, *, api_key: str | None = None,
@@ -389,6 +402,15 @@ async def events(req, chat: bool, prompts: list, jobs: list[Job], streams: list,
             data = proto.Completion(id=ident, created=created, model=model, choices=[choice])
         return sse(proto.dump(data, usage=include_usage))
 
+    plain_chunks: dict[int, Callable[[str], str]] = {}    # most events: a piece of text, no logprobs
+
+    def piece_chunk(k: int, text: str, entries: list[dict]) -> str:
+        if req.wants_logprobs:
+            return chunk(k, text, entries)
+        if k not in plain_chunks:
+            plain_chunks[k] = filled_in(lambda text: chunk(k, text, []))
+        return plain_chunks[k](text)
+
     tasks = [spawn(pump(job.index, s, f)) for job, s, f in zip(jobs, streams, firsts)]
     try:
         for job in jobs:
@@ -401,7 +423,7 @@ async def events(req, chat: bool, prompts: list, jobs: list[Job], streams: list,
             k, kind, value, entries = await queue.get()
             if kind == "piece":
                 if value or entries:
-                    yield chunk(k, value, entries)
+                    yield piece_chunk(k, value, entries)
             elif kind == "end":
                 results[k] = value
                 yield chunk(k, None if chat else "", entries, finish(value.finish_reason if value else "stop"))

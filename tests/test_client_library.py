@@ -180,6 +180,33 @@ def test_one_client_serves_concurrent_threads(client):
     assert all(r.completion_tokens == 4 + i and r.finish_reason == "length" for i, r in results.items())
 
 
+def test_outputs_read_from_the_raw_tensors_are_those_tritonclient_reads():
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import serialize_byte_tensor
+
+    from bayling.client.library import grpc_outputs, outputs_from_arrays
+
+    arrays = {"text_output": np.array(["héllo 你好"], dtype=object), "finish_reason": np.array([""], dtype=object),
+              "prompt_tokens": np.array([12], np.int32), "completion_tokens": np.array([-3], np.int32),
+              "prompt_ids": np.array([], np.int32), "flag": np.array([True])}
+    response = service_pb2.ModelInferResponse()
+    response.parameters["triton_final_response"].bool_param = True
+    for name, array in arrays.items():
+        tensor = response.outputs.add(name=name, shape=array.shape)
+        tensor.datatype = {"object": "BYTES", "int32": "INT32", "bool": "BOOL"}[str(array.dtype)]
+        response.raw_output_contents.append(serialize_byte_tensor(array).item() if array.dtype == object
+                                            else array.tobytes())
+    result = grpcclient.InferResult(response)
+    expected = outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs})
+    assert expected == {"text_output": "héllo 你好", "finish_reason": "", "prompt_tokens": 12,
+                        "completion_tokens": -3, "flag": True}
+    outputs, final = grpc_outputs(result)
+    assert final and outputs == expected
+    assert [type(v) for v in outputs.values()] == [type(v) for v in expected.values()]
+
+
 def test_urls():
     assert parse_url("localhost:8001", None) == ("grpc", "localhost:8001")
     assert parse_url("http://h:8000/", None) == ("http", "h:8000")

@@ -86,7 +86,30 @@ def test_sse_stream_ends_with_done(gateway):
         events = [line for line in response.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
-    assert all("usage" not in json.loads(e[6:]) for e in events[:-1])   # no usage unless asked
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all("usage" not in c for c in chunks)   # no usage unless asked
+    first = chunks[0]
+    for c in chunks[1:]:        # every piece is the first chunk's shape, with its id, time and model
+        assert c.keys() == first.keys() and c["choices"][0].keys() == first["choices"][0].keys()
+        assert (c["id"], c["created"], c["model"], c["object"]) == (first["id"], first["created"], first["model"],
+                                                                     "chat.completion.chunk")
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert reasons[:-1] == [None] * (len(chunks) - 1) and reasons[-1] in ("stop", "length")
+    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in chunks[1:-1])
+
+
+@pytest.mark.parametrize("text", ["Paris", 'a "quoted"\nline\\', "巴黎是法国的首都", "", "\x00", "\u2028 🙂"])
+def test_a_chunk_filled_in_is_the_chunk_rendered(text):
+    from bayling.client import openai_protocol as proto
+    from bayling.client.openai_gateway import filled_in, sse
+
+    def render(piece: str) -> str:
+        choice = proto.ChatChunkChoice(index=2, delta=proto.Delta(content=piece))
+        return sse(proto.dump(proto.ChatCompletionChunk(id="chatcmpl-1", created=1, model=MODEL, choices=[choice]),
+                              usage=False))
+
+    assert filled_in(render)(text) == render(text)
+    assert json.loads(filled_in(render)(text)[6:])["choices"][0]["delta"] == {"content": text}
 
 
 def test_completions_streamed_and_not(oai):
