@@ -416,13 +416,15 @@ def grpc_outputs(result) -> tuple[dict, bool]:
     """(outputs, final) of one streamed gRPC InferResult."""
     response = result.get_response()
     final = response.parameters["triton_final_response"].bool_param
-    if len(response.raw_output_contents) != len(response.outputs):
-        return outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs}), final
-    return outputs_from_raw(response.outputs, response.raw_output_contents), final
+    if len(response.raw_output_contents) == len(response.outputs) and all(o.datatype in _RAW_TYPES
+                                                                        for o in response.outputs):
+        return outputs_from_raw(response.outputs, response.raw_output_contents), final
+    return outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs}), final
 
 
 _RAW_SCALARS = {"BOOL": struct.Struct("?"), "INT32": struct.Struct("<i"), "INT64": struct.Struct("<q"),
                 "FP32": struct.Struct("<f")}
+_RAW_TYPES = frozenset(_RAW_SCALARS) | {"BYTES"}
 
 
 def outputs_from_raw(outputs, contents) -> dict:

@@ -205,6 +205,9 @@ def test_outputs_read_from_the_raw_tensors_are_those_tritonclient_reads():
     outputs, final = grpc_outputs(result)
     assert final and outputs == expected
     assert [type(v) for v in outputs.values()] == [type(v) for v in expected.values()]
+    half = response.outputs.add(name="half", shape=[1], datatype="FP16")   # no raw reading: tritonclient's
+    response.raw_output_contents.append(np.array([0.5], np.float16).tobytes())
+    assert grpc_outputs(grpcclient.InferResult(response))[0] == {**expected, "half": 0.5}
 
 
 def test_urls():
