@@ -21,16 +21,15 @@ from bayling.client.bench import Workload
 from bayling.manifest import ENGINE_SUBDIRS
 from bayling.model_repository.engine_ct2 import EngineRequest
 from bayling.model_repository.engine_llamacpp import LlamaCppEngine
+from bayling.model_repository.engine_text import load_engine_text
 from bayling.paths import default_engine_dir
 
 
 def chat_prompts(engine_dir: Path, n: int, prompt_words: int) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "tokenizer"))
+    """The ids the `bayling` model sends the engine for the benchmark's chats (the engine's template)."""
+    encoder = load_engine_text(engine_dir).encoder
     workload = Workload(prompt_words=prompt_words)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": workload.prompt(i)}],
-                                          add_generation_prompt=True)["input_ids"] for i in range(n)]
+    return [encoder.encode_messages([{"role": "user", "content": workload.prompt(i)}]).ids for i in range(n)]
 
 
 def run(engine_dir: Path, prompts: list[list[int]], clients: int, tokens: int, copies: bool) -> str:

@@ -416,29 +416,33 @@ def grpc_outputs(result) -> tuple[dict, bool]:
     """(outputs, final) of one streamed gRPC InferResult."""
     response = result.get_response()
     final = response.parameters["triton_final_response"].bool_param
-    if len(response.raw_output_contents) == len(response.outputs) and all(o.datatype in _RAW_TYPES
-                                                                        for o in response.outputs):
-        return outputs_from_raw(response.outputs, response.raw_output_contents), final
-    return outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs}), final
+    outputs = outputs_from_raw(response.outputs, response.raw_output_contents)
+    if outputs is None:
+        outputs = outputs_from_arrays({o.name: result.as_numpy(o.name) for o in response.outputs})
+    return outputs, final
 
 
 _RAW_SCALARS = {"BOOL": struct.Struct("?"), "INT32": struct.Struct("<i"), "INT64": struct.Struct("<q"),
                 "FP32": struct.Struct("<f")}
-_RAW_TYPES = frozenset(_RAW_SCALARS) | {"BYTES"}
 
 
-def outputs_from_raw(outputs, contents) -> dict:
+def outputs_from_raw(outputs, contents) -> dict | None:
     """As `outputs_from_arrays`, read straight from a response's raw tensors (no numpy per token): the
     first element of each non-empty one. A BYTES element is its 4-byte little-endian length, then
-    the bytes: b"\\x02\\x00\\x00\\x00hi" -> "hi"."""
+    the bytes: b"\\x02\\x00\\x00\\x00hi" -> "hi". None where it cannot (a type it does not read, such
+    as FP16, or no raw contents): then read through numpy."""
+    if len(contents) != len(outputs):
+        return None
     out = {}
     for tensor, raw in zip(outputs, contents):
         if not raw:
             continue
         if tensor.datatype == "BYTES":
             out[tensor.name] = raw[4:4 + int.from_bytes(raw[:4], "little")].decode("utf-8")
-        else:
+        elif tensor.datatype in _RAW_SCALARS:
             out[tensor.name] = _RAW_SCALARS[tensor.datatype].unpack_from(raw)[0]
+        else:
+            return None
     return out
 
 

@@ -402,14 +402,9 @@ async def events(req, chat: bool, prompts: list, jobs: list[Job], streams: list,
             data = proto.Completion(id=ident, created=created, model=model, choices=[choice])
         return sse(proto.dump(data, usage=include_usage))
 
-    plain_chunks: dict[int, Callable[[str], str]] = {}    # most events: a piece of text, no logprobs
-
-    def piece_chunk(k: int, text: str, entries: list[dict]) -> str:
-        if req.wants_logprobs:
-            return chunk(k, text, entries)
-        if k not in plain_chunks:
-            plain_chunks[k] = filled_in(lambda text: chunk(k, text, []))
-        return plain_chunks[k](text)
+    # Most events are a piece of text without logprobs: each choice's chunk is rendered once, then filled in.
+    plain_chunks: dict[int, Callable[[str], str]] = {} if req.wants_logprobs else {
+        job.index: filled_in(lambda text, k=job.index: chunk(k, text, [])) for job in jobs}
 
     tasks = [spawn(pump(job.index, s, f)) for job, s, f in zip(jobs, streams, firsts)]
     try:
@@ -423,7 +418,7 @@ async def events(req, chat: bool, prompts: list, jobs: list[Job], streams: list,
             k, kind, value, entries = await queue.get()
             if kind == "piece":
                 if value or entries:
-                    yield piece_chunk(k, value, entries)
+                    yield plain_chunks[k](value) if plain_chunks else chunk(k, value, entries)
             elif kind == "end":
                 results[k] = value
                 yield chunk(k, None if chat else "", entries, finish(value.finish_reason if value else "stop"))

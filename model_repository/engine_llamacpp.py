@@ -188,6 +188,10 @@ class _Sequence(_Active):
     def prefilling(self) -> bool:
         return self.fed < len(self.request.input_ids)
 
+    def cached_tokens(self) -> list[int]:
+        """The tokens its slot's cache holds: the prompt fed so far, then the generated ones fed back."""
+        return self.request.input_ids[:self.fed] + self.generated[:self.decoded]
+
     @property
     def adjusts_logits(self) -> bool:
         r = self.request
@@ -348,10 +352,7 @@ class LlamaCppEngine(ResponsesMixin):
     def _held_prefixes(self, prompt: list[int]) -> dict[int, int]:
         """Slot -> how long a prefix of `prompt` its cache holds, for every slot that holds any tokens: the
         running sequences' (what they have fed so far) and the free slots' (what their last one left)."""
-        held = {}
-        for s in self._running:
-            ids = s.request.input_ids
-            held[s.slot] = shared_prefix(ids[:s.fed] if s.prefilling else ids + s.generated[:s.decoded], prompt)
+        held = {s.slot: shared_prefix(s.cached_tokens(), prompt) for s in self._running}
         for slot, tokens in self._cached.items():
             held[slot] = shared_prefix(tokens, prompt)
         return held
@@ -462,7 +463,7 @@ class LlamaCppEngine(ResponsesMixin):
         """The sequence is over: its slot and cache are free for the next, then its final response goes out."""
         if sequence.slot >= 0:
             if error is None:   # what its cache holds stays there for a newcomer with the same prefix
-                self._cached[sequence.slot] = sequence.request.input_ids[:sequence.fed] + sequence.generated[:sequence.decoded]
+                self._cached[sequence.slot] = sequence.cached_tokens()
             else:
                 self.model.forget(sequence.slot)
             if sequence.sampler is not None:
