@@ -18,7 +18,8 @@ Servers, each measured alone (started, measured, stopped):
              --llama-gguf is given and llama-server runs.
 The peers are optional tools of this benchmark, never dependencies of the product. Peak RSS is the
 sum of VmHWM over the server's process tree (for bayling: tritonserver, its model processes and the
-gateway).
+gateway); server CPU ms/token is that tree's user+system CPU over a level divided by the tokens it
+streamed (steadier than tokens/s on a noisy machine; the client's own CPU is not in it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Row:
     ttft_ms_p50: float
     ttft_ms_p90: float
     errors: int
+    cpu_ms_per_token: float          # the server's CPU (all its processes) per output token
     peak_rss_gib: float = 0.0
 
 
@@ -87,24 +89,44 @@ def wait_http(url: str, process: subprocess.Popen | None, timeout: float) -> Non
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def tree_peak_rss(pids: list[int]) -> int:
-    """Sum of VmHWM (peak resident set) in bytes over the process trees rooted at `pids`."""
-    total, todo, seen = 0, list(pids), set()
+def tree_pids(pids: list[int]) -> list[int]:
+    """The processes of the trees rooted at `pids` (children through every thread's children list)."""
+    found, todo = [], list(pids)
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid in found:
             continue
-        seen.add(pid)
+        found.append(pid)
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
             for task in Path(f"/proc/{pid}/task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
         except OSError:
             continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1]) * 1024
+    return found
+
+
+def tree_peak_rss(pids: list[int]) -> int:
+    """Sum of VmHWM (peak resident set) in bytes over the process trees rooted at `pids`."""
+    total = 0
+    for pid in tree_pids(pids):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
     return total
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds spent so far by the live processes of the trees rooted at `pids`."""
+    ticks = 0
+    for pid in tree_pids(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])     # utime, stime (fields 14 and 15 of proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def command_version(argv: list[str]) -> str:
@@ -187,12 +209,17 @@ async def drive(peer: Peer, workload: Workload, levels: list[int], requests_per_
 
         await request(10_000)                                # warm-up
         for concurrency in levels:
+            cpu = tree_cpu_seconds(peer.pids)
             level: Level = await run_closed(peer.name, request, concurrency, requests_per_client * concurrency)
+            cpu = tree_cpu_seconds(peer.pids) - cpu
             s = level.summary()
+            tokens = sum(sample.tokens for sample in level.samples)
+            cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
             rows.append(Row(peer.name, peer.version, concurrency, s["output_tokens_per_s"] or 0.0,
-                            s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"]))
+                            s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"], cpu_ms))
             print(f"{peer.name:>9} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
-                  f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {s['errors']} errors", file=sys.stderr)
+                  f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token, "
+                  f"{s['errors']} errors", file=sys.stderr)
             for error in level.errors[:3]:
                 print(f"  error: {error}", file=sys.stderr)
     return rows
@@ -210,11 +237,11 @@ def measure(peer: Peer, workload: Workload, levels: list[int], requests_per_clie
 
 
 def markdown(report: Report) -> str:
-    lines = ["| server | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | errors | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| server | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | server CPU ms/token | errors "
+             "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
         lines.append(f"| {r.version} | {r.concurrency} | {r.output_tokens_per_s} | {r.ttft_ms_p50} | "
-                     f"{r.ttft_ms_p90} | {r.errors} | {r.peak_rss_gib} |")
+                     f"{r.ttft_ms_p90} | {r.cpu_ms_per_token} | {r.errors} | {r.peak_rss_gib} |")
     lines += [f"\n{name}: skipped ({why})" for name, why in report.skipped.items()]
     return "\n".join(lines)
 
