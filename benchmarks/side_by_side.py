@@ -3,9 +3,12 @@ model, driven by one client: streamed OpenAI chat completions, exactly --max-tok
 (`ignore_eos`), greedy, closed loop (a new request as soon as one ends) at each --concurrency.
 
     .venv/bin/python benchmarks/side_by_side.py [--engine ENGINE_DIR] [--concurrency 1,4,16]
-        [--vllm-model HF_DIR] [--llama-gguf MODEL.gguf] [--json side_by_side.json]
+        [--rounds 3] [--vllm-model HF_DIR] [--llama-gguf MODEL.gguf] [--json side_by_side.json]
 
-Servers, each measured alone (started, measured, stopped):
+Every server is started first. Then each level is measured on one server at a time while the others
+sit idle, round after round, the order turning by one each round: a drift of this machine's speed
+(up to 40% within an hour here) hits all of them alike, and the last table gives, round by round,
+bayling's tokens/s over the best peer's measured next to it. The servers:
   bayling    `bayling serve` of --engine (default: the embedded default model's llama.cpp Q8_0 engine)
              with `bayling openai` in front.
   bayling-ct2  the same stack on --ct2-engine (default: the embedded model's CTranslate2 INT8 engine,
@@ -30,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,7 @@ class Peer:
 class Row:
     server: str
     version: str
+    round: int
     concurrency: int
     output_tokens_per_s: float
     ttft_ms_p50: float
@@ -197,53 +202,118 @@ def start_llama(server: str, gguf: Path, threads: int, parallel: int, logs: Path
     return start_process("llama.cpp", f"llama.cpp {version}", argv, port, "/health", logs / "llama.log")
 
 
-async def drive(peer: Peer, workload: Workload, levels: list[int], requests_per_client: int) -> list[Row]:
+async def measure_level(http, peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
+                        round_no: int) -> Row:
+    async def request(i: int):
+        return await openai_request(http, peer.base, model, workload, i)
+
+    cpu = tree_cpu_seconds(peer.pids)
+    level: Level = await run_closed(peer.name, request, concurrency, requests)
+    cpu = tree_cpu_seconds(peer.pids) - cpu
+    s = level.summary()
+    tokens = sum(sample.tokens for sample in level.samples)
+    cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
+    print(f"{peer.name:>9} round {round_no} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
+          f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token, "
+          f"{s['errors']} errors", file=sys.stderr)
+    for error in level.errors[:3]:
+        print(f"  error: {error}", file=sys.stderr)
+    return Row(peer.name, peer.version, round_no, concurrency, s["output_tokens_per_s"] or 0.0,
+               s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"], cpu_ms)
+
+
+async def drive(peers: list[Peer], workload: Workload, levels: list[int], requests_per_client: int,
+                rounds: int) -> list[Row]:
+    """Each level, round after round, each server in turn (the order turns by one each round), so that
+    every server meets the same drift of the machine's speed."""
     import httpx
 
     rows = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as http:
-        model = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
-
-        async def request(i: int):
-            return await openai_request(http, peer.base, model, workload, i)
-
-        await request(10_000)                                # warm-up
-        for concurrency in levels:
-            cpu = tree_cpu_seconds(peer.pids)
-            level: Level = await run_closed(peer.name, request, concurrency, requests_per_client * concurrency)
-            cpu = tree_cpu_seconds(peer.pids) - cpu
-            s = level.summary()
-            tokens = sum(sample.tokens for sample in level.samples)
-            cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
-            rows.append(Row(peer.name, peer.version, concurrency, s["output_tokens_per_s"] or 0.0,
-                            s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"], cpu_ms))
-            print(f"{peer.name:>9} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
-                  f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token, "
-                  f"{s['errors']} errors", file=sys.stderr)
-            for error in level.errors[:3]:
-                print(f"  error: {error}", file=sys.stderr)
+        models = {}
+        for peer in peers:
+            models[peer.name] = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
+            await openai_request(http, peer.base, models[peer.name], workload, 10_000)     # warm-up
+        for round_no in range(1, rounds + 1):
+            turn = (round_no - 1) % len(peers)
+            for concurrency in levels:
+                for peer in peers[turn:] + peers[:turn]:
+                    rows.append(await measure_level(http, peer, models[peer.name], workload, concurrency,
+                                                    requests_per_client * concurrency, round_no))
     return rows
 
 
-def measure(peer: Peer, workload: Workload, levels: list[int], requests_per_client: int) -> list[Row]:
+def measure(peers: list[Peer], workload: Workload, levels: list[int], requests_per_client: int,
+            rounds: int) -> list[Row]:
     try:
-        rows = asyncio.run(drive(peer, workload, levels, requests_per_client))
-        peak = tree_peak_rss(peer.pids) / 2**30
+        rows = asyncio.run(drive(peers, workload, levels, requests_per_client, rounds))
+        peaks = {peer.name: tree_peak_rss(peer.pids) / 2**30 for peer in peers}
     finally:
-        peer.stop()
+        for peer in peers:
+            peer.stop()
     for row in rows:
-        row.peak_rss_gib = round(peak, 2)
+        row.peak_rss_gib = round(peaks[row.server], 2)
     return rows
 
 
 def markdown(report: Report) -> str:
-    lines = ["| server | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | server CPU ms/token | errors "
-             "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | round | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | server CPU ms/token | errors "
+             "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
-        lines.append(f"| {r.version} | {r.concurrency} | {r.output_tokens_per_s} | {r.ttft_ms_p50} | "
+        lines.append(f"| {r.version} | {r.round} | {r.concurrency} | {r.output_tokens_per_s} | {r.ttft_ms_p50} | "
                      f"{r.ttft_ms_p90} | {r.cpu_ms_per_token} | {r.errors} | {r.peak_rss_gib} |")
+    lines += ["", *medians(report.rows)]
     lines += [f"\n{name}: skipped ({why})" for name, why in report.skipped.items()]
     return "\n".join(lines)
+
+
+def medians(rows: list[Row]) -> list[str]:
+    """Per server and level: medians over the rounds, and for bayling's servers their tokens/s over the
+    best peer's of the same round, round by round."""
+    lines = ["| server | concurrency | median tok/s | median TTFT p50 ms | median CPU ms/token | "
+             "tok/s / best peer's, by round |", "|---|---|---|---|---|---|"]
+    for server in dict.fromkeys(r.server for r in rows):
+        for concurrency in dict.fromkeys(r.concurrency for r in rows):
+            own = [r for r in rows if r.server == server and r.concurrency == concurrency]
+            ratios = []
+            for r in own if server.startswith("bayling") else []:
+                peers = [p.output_tokens_per_s for p in rows if not p.server.startswith("bayling")
+                         and p.round == r.round and p.concurrency == concurrency]
+                if peers and max(peers) > 0:
+                    ratios.append(f"{r.output_tokens_per_s / max(peers):.2f}")
+            lines.append(f"| {server} | {concurrency} | {median(r.output_tokens_per_s for r in own)} | "
+                         f"{median(r.ttft_ms_p50 for r in own)} | {median(r.cpu_ms_per_token for r in own)} | "
+                         f"{', '.join(ratios) or '-'} |")
+    return lines
+
+
+def median(values) -> float:
+    return round(statistics.median(values), 2)
+
+
+def start_all(starters: dict, only: set[str] | None, report: Report, args) -> list[Peer]:
+    """The servers that start, in `starters`' order; why the others were skipped goes in `report`."""
+    peers = []
+    try:
+        for name, start in starters.items():
+            if only is not None and name not in only:
+                continue
+            if start is None:
+                report.skipped[name] = "no model given"
+            elif not name.startswith("bayling") and shutil.which(
+                    args.vllm if name == "vllm" else args.llama_server) is None:
+                report.skipped[name] = "not installed"
+            else:
+                try:
+                    peers.append(start())
+                except RuntimeError as exc:
+                    report.skipped[name] = str(exc)
+                    print(f"{name}: skipped: {exc}", file=sys.stderr)
+    except BaseException:      # interrupted while one starts: stop those already up
+        for peer in peers:
+            peer.stop()
+        raise
+    return peers
 
 
 def main() -> int:
@@ -263,6 +333,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     parser.add_argument("--prompt-words", type=int, default=36, help="words before the prompt (default 36: about "
                         "64 input tokens with the chat template)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each level is measured on each server, "
+                        "turn about (default 1)")
     parser.add_argument("--only", help="comma-separated servers to run (default: every one available)")
     parser.add_argument("--json", dest="json_path", help="also write the results here")
     args = parser.parse_args()
@@ -284,22 +356,9 @@ def main() -> int:
         "llama.cpp": (lambda: start_llama(args.llama_server, args.llama_gguf, args.threads, max(levels), logs))
         if args.llama_gguf else None,
     }
-    for name, start in starters.items():
-        if only is not None and name not in only:
-            continue
-        if start is None:
-            report.skipped[name] = "no model given"
-            continue
-        if not name.startswith("bayling") and shutil.which(args.vllm if name == "vllm" else args.llama_server) is None:
-            report.skipped[name] = "not installed"
-            continue
-        try:
-            peer = start()
-        except RuntimeError as exc:
-            report.skipped[name] = str(exc)
-            print(f"{name}: skipped: {exc}", file=sys.stderr)
-            continue
-        report.rows += measure(peer, workload, levels, args.requests_per_client)
+    peers = start_all(starters, only, report, args)
+    if peers:
+        report.rows += measure(peers, workload, levels, args.requests_per_client, args.rounds)
     print(markdown(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(asdict(report), indent=2))

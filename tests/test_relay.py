@@ -128,3 +128,20 @@ def test_kept_objects_are_dropped_later_by_the_relay(relay):
     while ref() is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert ref() is None
+
+
+def test_cancellation_polling_stretches_to_keep_round_trips_per_second_bounded():
+    relay = Relay(poll_s=0.01, max_polls_per_s=200)
+    try:
+        asked = []
+        boxes = [Outbox(lambda *a: None, is_cancelled=lambda: asked.append(1) or False) for _ in range(20)]
+        assert relay.poll_interval() == 0.01                 # nothing open: the base period
+        for box in boxes:
+            relay.watch(box)
+        assert relay.poll_interval() == pytest.approx(0.1)   # 20 boxes / 200 per s
+        asked.clear()
+        time.sleep(1.0)
+        # unbounded, 20 boxes every 0.01 s would be 2,000 round trips; bounded about 200
+        assert 60 <= len(asked) <= 400
+    finally:
+        relay.stop()
