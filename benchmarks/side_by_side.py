@@ -202,14 +202,31 @@ def start_llama(server: str, gguf: Path, threads: int, parallel: int, logs: Path
     return start_process("llama.cpp", f"llama.cpp {version}", argv, port, "/health", logs / "llama.log")
 
 
-async def measure_level(http, peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
-                        round_no: int) -> Row:
-    async def request(i: int):
-        return await openai_request(http, peer.base, model, workload, i)
+def http_client():
+    """A client per level: a server idle while the others are measured may close its kept-alive
+    connections (llama.cpp's server after 5 s), and a pooled dead one would fail the next request."""
+    import httpx
 
-    cpu = tree_cpu_seconds(peer.pids)
-    level: Level = await run_closed(peer.name, request, concurrency, requests)
-    cpu = tree_cpu_seconds(peer.pids) - cpu
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256))
+
+
+async def warm_up(peer: Peer, workload: Workload) -> str:
+    """The model the server serves, after one request."""
+    async with http_client() as http:
+        model = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
+        await openai_request(http, peer.base, model, workload, 10_000)
+    return model
+
+
+async def measure_level(peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
+                        round_no: int) -> Row:
+    async with http_client() as http:
+        async def request(i: int):
+            return await openai_request(http, peer.base, model, workload, i)
+
+        cpu = tree_cpu_seconds(peer.pids)
+        level: Level = await run_closed(peer.name, request, concurrency, requests)
+        cpu = tree_cpu_seconds(peer.pids) - cpu
     s = level.summary()
     tokens = sum(sample.tokens for sample in level.samples)
     cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
@@ -226,20 +243,14 @@ async def drive(peers: list[Peer], workload: Workload, levels: list[int], reques
                 rounds: int) -> list[Row]:
     """Each level, round after round, each server in turn (the order turns by one each round), so that
     every server meets the same drift of the machine's speed."""
-    import httpx
-
+    models = {peer.name: await warm_up(peer, workload) for peer in peers}
     rows = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as http:
-        models = {}
-        for peer in peers:
-            models[peer.name] = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
-            await openai_request(http, peer.base, models[peer.name], workload, 10_000)     # warm-up
-        for round_no in range(1, rounds + 1):
-            turn = (round_no - 1) % len(peers)
-            for concurrency in levels:
-                for peer in peers[turn:] + peers[:turn]:
-                    rows.append(await measure_level(http, peer, models[peer.name], workload, concurrency,
-                                                    requests_per_client * concurrency, round_no))
+    for round_no in range(1, rounds + 1):
+        turn = (round_no - 1) % len(peers)
+        for concurrency in levels:
+            for peer in peers[turn:] + peers[:turn]:
+                rows.append(await measure_level(peer, models[peer.name], workload, concurrency,
+                                                requests_per_client * concurrency, round_no))
     return rows
 
 
@@ -288,7 +299,7 @@ def medians(rows: list[Row]) -> list[str]:
 
 
 def median(values) -> float:
-    return round(statistics.median(values), 2)
+    return round(float(statistics.median(values)), 2)
 
 
 def start_all(starters: dict, only: set[str] | None, report: Report, args) -> list[Peer]:

@@ -1,0 +1,40 @@
+"""benchmarks/side_by_side.py's own arithmetic: the server CPU it charges, and its round-by-round ratios."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("side_by_side", Path(__file__).parents[1] / "benchmarks" / "side_by_side.py")
+side_by_side = sys.modules["side_by_side"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(side_by_side)
+
+
+def row(server: str, round_no: int, tok_s: float, ttft: float = 100.0, cpu: float = 10.0):
+    return side_by_side.Row(server, server, round_no, 16, tok_s, ttft, ttft, 0, cpu)
+
+
+def test_bayling_is_compared_with_the_best_peer_of_the_same_round():
+    rows = [row("bayling", 1, 100), row("llama.cpp", 1, 125), row("vllm", 1, 80),
+            row("bayling", 2, 110, ttft=300), row("llama.cpp", 2, 100), row("vllm", 2, 90),
+            row("bayling", 3, 90, ttft=200, cpu=12), row("llama.cpp", 3, 100), row("vllm", 3, 95)]
+    table = side_by_side.medians(rows)
+    bayling = next(line for line in table if line.startswith("| bayling |"))
+    assert bayling == "| bayling | 16 | 100.0 | 200.0 | 10.0 | 0.80, 1.10, 0.90 |"
+    assert next(line for line in table if line.startswith("| vllm |")) == "| vllm | 16 | 90.0 | 100.0 | 10.0 | - |"
+
+
+def test_the_cpu_of_a_server_s_child_processes_is_counted():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass\n"
+                              "print('busy', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "busy"
+        assert child.pid in side_by_side.tree_pids([os.getpid()])
+        assert side_by_side.tree_cpu_seconds([child.pid]) == pytest.approx(0.5, abs=0.2)
+        assert side_by_side.tree_cpu_seconds([os.getpid()]) >= side_by_side.tree_cpu_seconds([child.pid])
+    finally:
+        child.kill()
+        child.wait()
