@@ -207,7 +207,8 @@ def http_client():
     connections (llama.cpp's server after 5 s), and a pooled dead one would fail the next request."""
     import httpx
 
-    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256))
+    # keep-alive shorter than the servers' (5 s): never reuse a connection the server is closing
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256, keepalive_expiry=1.0))
 
 
 async def warm_up(peer: Peer, workload: Workload) -> str:
@@ -220,10 +221,21 @@ async def warm_up(peer: Peer, workload: Workload) -> str:
 
 async def measure_level(peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
                         round_no: int) -> Row:
+    import httpx
+
     async with http_client() as http:
         async def request(i: int):
-            return await openai_request(http, peer.base, model, workload, i)
+            try:
+                return await openai_request(http, peer.base, model, workload, i)
+            except httpx.RemoteProtocolError as exc:
+                if "without sending a response" not in str(exc):
+                    raise
+                # dropped before it was served (llama.cpp's server does, now and then, on a fresh
+                # connection): not an answer that failed, so it is sent again, and said so
+                retried.append(i)
+                return await openai_request(http, peer.base, model, workload, i)
 
+        retried: list[int] = []
         cpu = tree_cpu_seconds(peer.pids)
         level: Level = await run_closed(peer.name, request, concurrency, requests)
         cpu = tree_cpu_seconds(peer.pids) - cpu
@@ -232,7 +244,7 @@ async def measure_level(peer: Peer, model: str, workload: Workload, concurrency:
     cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
     print(f"{peer.name:>9} round {round_no} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
           f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token, "
-          f"{s['errors']} errors", file=sys.stderr)
+          f"{s['errors']} errors, {len(retried)} dropped unanswered and sent again", file=sys.stderr)
     for error in level.errors[:3]:
         print(f"  error: {error}", file=sys.stderr)
     return Row(peer.name, peer.version, round_no, concurrency, s["output_tokens_per_s"] or 0.0,

@@ -39,7 +39,8 @@ class TritonPythonModel:
         self.tokens_metric = self.tokens_family.Metric(labels=labels)
         # The engine's load (waiting, running, batch occupancy, KV-cache analogue) for the endpoint
         # picker and the autoscaler. One thread makes every metric call of this model (the backend's
-        # metric calls are not thread-safe), ten times a second, none from the generation path.
+        # metric calls are not thread-safe), ten times a second for the values that changed, none from
+        # the generation path.
         self.load_families = {k: pb_utils.MetricFamily(name=n, kind=pb_utils.MetricFamily.GAUGE, description=d)
                               for k, (n, d) in LOAD_METRICS.items()}
         self.load_metrics = {k: f.Metric(labels=labels) for k, f in self.load_families.items()}
@@ -49,7 +50,7 @@ class TritonPythonModel:
         self.publisher.start()
 
     def _publish(self):
-        counted = 0
+        counted, published = 0, {}
         while not self.stopped.wait(0.1):
             generated = self.engine.generated_tokens
             if generated > counted:
@@ -57,7 +58,10 @@ class TritonPythonModel:
                 counted = generated
             load = self.engine.load(self.context)
             for key, metric in self.load_metrics.items():
-                metric.set(getattr(load, key))
+                value = getattr(load, key)
+                if published.get(key) != value:    # each call is an IPC round trip through tritonserver
+                    metric.set(value)
+                    published[key] = value
 
     def execute(self, requests):
         for request in requests:
