@@ -38,9 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from proc_tree import tree_cpu_by_role, tree_cpu_seconds
+
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 PATHS = ("bayling-stream", "bayling-whole", "ensemble-stream", "engine-stream", "openai-stream")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the engines ------------------------------------------------------------------------------------
@@ -78,54 +79,6 @@ def engine_dir(name: str) -> Path:
                            check=True)
         return engine
     return Path(name)
-
-
-# --- CPU time of a process tree, from /proc ---------------------------------------------------------
-
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user+system seconds) of one process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _role(pid: int, root: int) -> str:
-    """'tritonserver', the model a Python backend stub serves, or 'other'."""
-    if pid == root:
-        return "tritonserver"
-    try:
-        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-    except OSError:
-        return "other"
-    for part in cmdline:
-        if part.endswith(b"/1/model.py"):
-            return Path(part.decode()).parent.parent.name
-    return "other"
-
-
-def tree_cpu_seconds(root: int) -> dict[str, float]:
-    """CPU seconds used so far by `root` and all its descendants, by role (tritonserver, each model's
-    stubs); "total" sums them."""
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (s := _stat(int(entry))) is not None:
-            stats[int(entry)] = s
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    by_role: dict[str, float] = {"total": 0.0}
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            role = _role(pid, root)
-            by_role[role] = by_role.get(role, 0.0) + stats[pid][1]
-            by_role["total"] += stats[pid][1]
-            todo += children.get(pid, [])
-    return by_role
 
 
 def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -316,13 +269,13 @@ async def run_level(paths: Paths, path: str, streams: int, requests: int, server
         for _ in queue:
             done.append(await paths.request(path))
 
-    cpu0 = tree_cpu_seconds(server_pid)
-    gw0 = tree_cpu_seconds(gateway_pid)["total"] if gateway_pid else 0.0
+    cpu0 = tree_cpu_by_role(server_pid)
+    gw0 = tree_cpu_seconds([gateway_pid]) if gateway_pid else 0.0
     start = time.perf_counter()
     await asyncio.gather(*(stream() for _ in range(streams)))
     seconds = time.perf_counter() - start
-    server = cpu_delta(tree_cpu_seconds(server_pid), cpu0)
-    gateway = (tree_cpu_seconds(gateway_pid)["total"] - gw0) if gateway_pid else 0.0
+    server = cpu_delta(tree_cpu_by_role(server_pid), cpu0)
+    gateway = (tree_cpu_seconds([gateway_pid]) - gw0) if gateway_pid else 0.0
     tokens = sum(d.tokens for d in done)
     expected = requests * paths.tokens
     if tokens != expected:

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bayling.client.bench import Level, Workload, openai_request, run_closed
+from proc_tree import tree_cpu_seconds, tree_peak_rss
 
 
 @dataclass
@@ -92,46 +93,6 @@ def wait_http(url: str, process: subprocess.Popen | None, timeout: float) -> Non
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def tree_pids(pids: list[int]) -> list[int]:
-    """The processes of the trees rooted at `pids` (children through every thread's children list)."""
-    found, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.append(pid)
-        try:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return found
-
-
-def tree_peak_rss(pids: list[int]) -> int:
-    """Sum of VmHWM (peak resident set) in bytes over the process trees rooted at `pids`."""
-    total = 0
-    for pid in tree_pids(pids):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
-    return total
-
-
-def tree_cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU seconds spent so far by the live processes of the trees rooted at `pids`."""
-    ticks = 0
-    for pid in tree_pids(pids):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])     # utime, stime (fields 14 and 15 of proc(5))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def command_version(argv: list[str]) -> str:
@@ -202,43 +163,32 @@ def start_llama(server: str, gguf: Path, threads: int, parallel: int, logs: Path
     return start_process("llama.cpp", f"llama.cpp {version}", argv, port, "/health", logs / "llama.log")
 
 
-def http_client():
-    """A client per level: a server idle while the others are measured may close its kept-alive
-    connections (llama.cpp's server after 5 s), and a pooled dead one would fail the next request."""
-    import httpx
-
-    # keep-alive shorter than the servers' (5 s): never reuse a connection the server is closing
-    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256, keepalive_expiry=1.0))
-
-
-async def warm_up(peer: Peer, workload: Workload) -> str:
+async def warm_up(http, peer: Peer, workload: Workload) -> str:
     """The model the server serves, after one request."""
-    async with http_client() as http:
-        model = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
-        await openai_request(http, peer.base, model, workload, 10_000)
+    model = (await http.get(f"{peer.base}/v1/models")).json()["data"][0]["id"]
+    await openai_request(http, peer.base, model, workload, 10_000)
     return model
 
 
-async def measure_level(peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
+async def measure_level(http, peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
                         round_no: int) -> Row:
     import httpx
 
-    async with http_client() as http:
-        async def request(i: int):
-            try:
-                return await openai_request(http, peer.base, model, workload, i)
-            except httpx.RemoteProtocolError as exc:
-                if "without sending a response" not in str(exc):
-                    raise
-                # dropped before it was served (llama.cpp's server does, now and then, on a fresh
-                # connection): not an answer that failed, so it is sent again, and said so
-                retried.append(i)
-                return await openai_request(http, peer.base, model, workload, i)
+    retried: list[int] = []
 
-        retried: list[int] = []
-        cpu = tree_cpu_seconds(peer.pids)
-        level: Level = await run_closed(peer.name, request, concurrency, requests)
-        cpu = tree_cpu_seconds(peer.pids) - cpu
+    async def request(i: int):
+        try:
+            return await openai_request(http, peer.base, model, workload, i)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending a response" not in str(exc):
+                raise
+            # dropped before it was answered (llama.cpp's server does, now and then): sent again, and said so
+            retried.append(i)
+            return await openai_request(http, peer.base, model, workload, i)
+
+    cpu = tree_cpu_seconds(peer.pids)
+    level: Level = await run_closed(peer.name, request, concurrency, requests)
+    cpu = tree_cpu_seconds(peer.pids) - cpu
     s = level.summary()
     tokens = sum(sample.tokens for sample in level.samples)
     cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
@@ -255,14 +205,20 @@ async def drive(peers: list[Peer], workload: Workload, levels: list[int], reques
                 rounds: int) -> list[Row]:
     """Each level, round after round, each server in turn (the order turns by one each round), so that
     every server meets the same drift of the machine's speed."""
-    models = {peer.name: await warm_up(peer, workload) for peer in peers}
+    import httpx
+
+    # Keep-alive shorter than the servers' (llama.cpp's closes an idle connection after 5 s, and the
+    # others sit idle while one is measured): a pooled connection the server is closing is never reused.
+    limits = httpx.Limits(max_connections=256, keepalive_expiry=1.0)
     rows = []
-    for round_no in range(1, rounds + 1):
-        turn = (round_no - 1) % len(peers)
-        for concurrency in levels:
-            for peer in peers[turn:] + peers[:turn]:
-                rows.append(await measure_level(peer, models[peer.name], workload, concurrency,
-                                                requests_per_client * concurrency, round_no))
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        models = {peer.name: await warm_up(http, peer, workload) for peer in peers}
+        for round_no in range(1, rounds + 1):
+            turn = (round_no - 1) % len(peers)
+            for concurrency in levels:
+                for peer in peers[turn:] + peers[:turn]:
+                    rows.append(await measure_level(http, peer, models[peer.name], workload, concurrency,
+                                                    requests_per_client * concurrency, round_no))
     return rows
 
 
@@ -299,8 +255,8 @@ def medians(rows: list[Row]) -> list[str]:
         for concurrency in dict.fromkeys(r.concurrency for r in rows):
             own = [r for r in rows if r.server == server and r.concurrency == concurrency]
             ratios = []
-            for r in own if server.startswith("bayling") else []:
-                peers = [p.output_tokens_per_s for p in rows if not p.server.startswith("bayling")
+            for r in own if ours(server) else []:
+                peers = [p.output_tokens_per_s for p in rows if not ours(p.server)
                          and p.round == r.round and p.concurrency == concurrency]
                 if peers and max(peers) > 0:
                     ratios.append(f"{r.output_tokens_per_s / max(peers):.2f}")
@@ -308,6 +264,11 @@ def medians(rows: list[Row]) -> list[str]:
                          f"{median(r.ttft_ms_p50 for r in own)} | {median(r.cpu_ms_per_token for r in own)} | "
                          f"{', '.join(ratios) or '-'} |")
     return lines
+
+
+def ours(server: str) -> bool:
+    """bayling and bayling-ct2: this project's servers; the others are peers."""
+    return server.startswith("bayling")
 
 
 def median(values) -> float:
@@ -323,7 +284,7 @@ def start_all(starters: dict, only: set[str] | None, report: Report, args) -> li
                 continue
             if start is None:
                 report.skipped[name] = "no model given"
-            elif not name.startswith("bayling") and shutil.which(
+            elif not ours(name) and shutil.which(
                     args.vllm if name == "vllm" else args.llama_server) is None:
                 report.skipped[name] = "not installed"
             else:

@@ -1,6 +1,6 @@
-"""benchmarks/side_by_side.py's own arithmetic: the server CPU it charges, and its round-by-round ratios."""
+"""benchmarks/side_by_side.py's own arithmetic: the server CPU it charges (benchmarks/proc_tree.py), and its
+round-by-round ratios."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("side_by_side", Path(__file__).parents[1] / "benchmarks" / "side_by_side.py")
-side_by_side = sys.modules["side_by_side"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(side_by_side)
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))    # as when they run as scripts
+import proc_tree  # noqa: E402
+import side_by_side  # noqa: E402
 
 
 def row(server: str, round_no: int, tok_s: float, ttft: float = 100.0, cpu: float = 10.0):
@@ -32,9 +32,9 @@ def test_the_cpu_of_a_server_s_child_processes_is_counted():
                               "print('busy', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "busy"
-        assert child.pid in side_by_side.tree_pids([os.getpid()])
-        assert side_by_side.tree_cpu_seconds([child.pid]) == pytest.approx(0.5, abs=0.2)
-        assert side_by_side.tree_cpu_seconds([os.getpid()]) >= side_by_side.tree_cpu_seconds([child.pid])
+        assert child.pid in proc_tree.tree_pids([os.getpid()])
+        assert proc_tree.tree_cpu_seconds([child.pid]) == pytest.approx(0.5, abs=0.2)
+        assert proc_tree.tree_cpu_seconds([os.getpid()]) >= proc_tree.tree_cpu_seconds([child.pid])
     finally:
         child.kill()
         child.wait()
