@@ -39,18 +39,26 @@ def tree_cpu_seconds(roots: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in tree_pids(roots))
 
 
-def role(pid: int, root: int) -> str:
-    """'tritonserver' (the root), the model a Python backend stub serves, or 'other'."""
-    if pid == root:
-        return "tritonserver"
+def stub_model(pid: int) -> str | None:
+    """The model a Triton Python backend stub serves (from its `.../MODEL/1/model.py` argument), else None."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return "other"
+        return None
     for part in cmdline:
         if part.endswith(b"/1/model.py"):
             return Path(part.decode()).parent.parent.name
-    return "other"
+    return None
+
+
+def role(pid: int, root: int) -> str:
+    """'tritonserver' (the root), the model a Python backend stub serves, or 'other'."""
+    return "tritonserver" if pid == root else stub_model(pid) or "other"
+
+
+def stub_pids(roots: list[int], model: str) -> list[int]:
+    """The stubs serving `model` in the process trees rooted at `roots`."""
+    return [pid for pid in tree_pids(roots) if stub_model(pid) == model]
 
 
 def tree_cpu_by_role(root: int) -> dict[str, float]:

@@ -22,7 +22,9 @@ bayling's tokens/s over the best peer's measured next to it. The servers:
 The peers are optional tools of this benchmark, never dependencies of the product. Peak RSS is the
 sum of VmHWM over the server's process tree (for bayling: tritonserver, its model processes and the
 gateway); server CPU ms/token is that tree's user+system CPU over a level divided by the tokens it
-streamed (steadier than tokens/s on a noisy machine; the client's own CPU is not in it).
+streamed (steadier than tokens/s on a noisy machine; the client's own CPU is not in it). Engine CPU
+ms/token is the part of it spent in the engine's process: for bayling the `tensorrt_llm` model's
+stub, for a peer its whole server; the difference is what the serving path around the engine costs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bayling.client.bench import Level, Workload, openai_request, run_closed
-from proc_tree import tree_cpu_seconds, tree_peak_rss
+from proc_tree import stub_pids, tree_cpu_seconds, tree_peak_rss
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Peer:
     base: str                        # http://host:port of its OpenAI API
     pids: list[int]                  # roots of its process trees
     stop: callable
+    engine_pids: list[int] | None = None    # the engine's process, where it is not all of the server
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Row:
     ttft_ms_p90: float
     errors: int
     cpu_ms_per_token: float          # the server's CPU (all its processes) per output token
+    engine_cpu_ms_per_token: float = 0.0    # the part of it in the engine's process
     peak_rss_gib: float = 0.0
 
 
@@ -124,7 +128,8 @@ def start_bayling(name: str, engine: Path, run_dir: Path) -> Peer:
         server.stop()
 
     kind = ENGINE_NAMES.get(read_manifest(engine).engine, read_manifest(engine).engine)
-    return Peer(name, f"bayling {__version__} ({kind}, Triton)", base, [server.process.pid, gateway.pid], stop)
+    return Peer(name, f"bayling {__version__} ({kind}, Triton)", base, [server.process.pid, gateway.pid], stop,
+                stub_pids([server.process.pid], "tensorrt_llm"))
 
 
 def start_process(name: str, version: str, argv: list[str], port: int, health: str, log: Path) -> Peer:
@@ -186,19 +191,21 @@ async def measure_level(http, peer: Peer, model: str, workload: Workload, concur
             retried.append(i)
             return await openai_request(http, peer.base, model, workload, i)
 
-    cpu = tree_cpu_seconds(peer.pids)
+    engine = peer.engine_pids or []
+    cpu, engine_cpu = tree_cpu_seconds(peer.pids), tree_cpu_seconds(engine)
     level: Level = await run_closed(peer.name, request, concurrency, requests)
-    cpu = tree_cpu_seconds(peer.pids) - cpu
+    cpu, engine_cpu = tree_cpu_seconds(peer.pids) - cpu, tree_cpu_seconds(engine) - engine_cpu
+    engine_cpu = engine_cpu if peer.engine_pids else cpu     # a peer's engine is all of it
     s = level.summary()
     tokens = sum(sample.tokens for sample in level.samples)
-    cpu_ms = round(1000 * cpu / tokens, 2) if tokens else 0.0
+    cpu_ms, engine_ms = (round(1000 * c / tokens, 2) if tokens else 0.0 for c in (cpu, engine_cpu))
     print(f"{peer.name:>9} round {round_no} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
-          f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token, "
+          f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token ({engine_ms} engine), "
           f"{s['errors']} errors, {len(retried)} dropped unanswered and sent again", file=sys.stderr)
     for error in level.errors[:3]:
         print(f"  error: {error}", file=sys.stderr)
     return Row(peer.name, peer.version, round_no, concurrency, s["output_tokens_per_s"] or 0.0,
-               s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"], cpu_ms)
+               s["ttft_ms_p50"] or 0.0, s["ttft_ms_p90"] or 0.0, s["errors"], cpu_ms, engine_ms)
 
 
 async def drive(peers: list[Peer], workload: Workload, levels: list[int], requests_per_client: int,
@@ -236,11 +243,12 @@ def measure(peers: list[Peer], workload: Workload, levels: list[int], requests_p
 
 
 def markdown(report: Report) -> str:
-    lines = ["| server | round | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | server CPU ms/token | errors "
-             "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | round | concurrency | output tok/s | TTFT p50 ms | TTFT p90 ms | server CPU ms/token "
+             "| engine CPU ms/token | errors | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
         lines.append(f"| {r.version} | {r.round} | {r.concurrency} | {r.output_tokens_per_s} | {r.ttft_ms_p50} | "
-                     f"{r.ttft_ms_p90} | {r.cpu_ms_per_token} | {r.errors} | {r.peak_rss_gib} |")
+                     f"{r.ttft_ms_p90} | {r.cpu_ms_per_token} | {r.engine_cpu_ms_per_token} | {r.errors} | "
+                     f"{r.peak_rss_gib} |")
     lines += ["", *medians(report.rows)]
     lines += [f"\n{name}: skipped ({why})" for name, why in report.skipped.items()]
     return "\n".join(lines)
@@ -250,7 +258,7 @@ def medians(rows: list[Row]) -> list[str]:
     """Per server and level: medians over the rounds, and for bayling's servers their tokens/s over the
     best peer's of the same round, round by round."""
     lines = ["| server | concurrency | median tok/s | median TTFT p50 ms | median CPU ms/token | "
-             "tok/s / best peer's, by round |", "|---|---|---|---|---|---|"]
+             "median CPU ms/token outside the engine | tok/s / best peer's, by round |", "|---|---|---|---|---|---|---|"]
     for server in dict.fromkeys(r.server for r in rows):
         for concurrency in dict.fromkeys(r.concurrency for r in rows):
             own = [r for r in rows if r.server == server and r.concurrency == concurrency]
@@ -262,6 +270,7 @@ def medians(rows: list[Row]) -> list[str]:
                     ratios.append(f"{r.output_tokens_per_s / max(peers):.2f}")
             lines.append(f"| {server} | {concurrency} | {median(r.output_tokens_per_s for r in own)} | "
                          f"{median(r.ttft_ms_p50 for r in own)} | {median(r.cpu_ms_per_token for r in own)} | "
+                         f"{median(r.cpu_ms_per_token - r.engine_cpu_ms_per_token for r in own)} | "
                          f"{', '.join(ratios) or '-'} |")
     return lines
 
