@@ -52,8 +52,10 @@ def test_the_engine_s_stub_is_found_by_the_model_it_serves(tmp_path):
         deadline = time.monotonic() + 10
         while proc_tree.stub_model(stub.pid) is None and time.monotonic() < deadline:
             time.sleep(0.05)      # until the child has exec'd
-        assert proc_tree.stub_pids([os.getpid()], "tensorrt_llm") == [stub.pid]
-        assert proc_tree.stub_pids([os.getpid()], "bayling") == []
+        # rooted at the children themselves: the suite's own servers are children of this process too
+        assert proc_tree.stub_pids([stub.pid, other.pid], "tensorrt_llm") == [stub.pid]
+        assert proc_tree.stub_pids([stub.pid, other.pid], "bayling") == []
+        assert stub.pid in proc_tree.stub_pids([os.getpid()], "tensorrt_llm")
         assert proc_tree.role(other.pid, os.getpid()) == "other"
         assert proc_tree.role(stub.pid, os.getpid()) == "tensorrt_llm"
     finally:
