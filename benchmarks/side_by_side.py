@@ -175,6 +175,13 @@ async def warm_up(http, peer: Peer, workload: Workload) -> str:
     return model
 
 
+def cpu_so_far(peer: Peer) -> tuple[float, float]:
+    """CPU seconds the server has used so far, and the part of them in its engine's process (a peer's
+    engine is all of it)."""
+    total = tree_cpu_seconds(peer.pids)
+    return total, tree_cpu_seconds(peer.engine_pids) if peer.engine_pids else total
+
+
 async def measure_level(http, peer: Peer, model: str, workload: Workload, concurrency: int, requests: int,
                         round_no: int) -> Row:
     import httpx
@@ -191,14 +198,12 @@ async def measure_level(http, peer: Peer, model: str, workload: Workload, concur
             retried.append(i)
             return await openai_request(http, peer.base, model, workload, i)
 
-    engine = peer.engine_pids or []
-    cpu, engine_cpu = tree_cpu_seconds(peer.pids), tree_cpu_seconds(engine)
+    before = cpu_so_far(peer)
     level: Level = await run_closed(peer.name, request, concurrency, requests)
-    cpu, engine_cpu = tree_cpu_seconds(peer.pids) - cpu, tree_cpu_seconds(engine) - engine_cpu
-    engine_cpu = engine_cpu if peer.engine_pids else cpu     # a peer's engine is all of it
     s = level.summary()
     tokens = sum(sample.tokens for sample in level.samples)
-    cpu_ms, engine_ms = (round(1000 * c / tokens, 2) if tokens else 0.0 for c in (cpu, engine_cpu))
+    cpu_ms, engine_ms = (round(1000 * (after - b) / tokens, 2) if tokens else 0.0
+                         for after, b in zip(cpu_so_far(peer), before))
     print(f"{peer.name:>9} round {round_no} c={concurrency:<3} {s['output_tokens_per_s']} tok/s, TTFT p50 "
           f"{s['ttft_ms_p50']} ms, p90 {s['ttft_ms_p90']} ms, {cpu_ms} server CPU ms/token ({engine_ms} engine), "
           f"{s['errors']} errors, {len(retried)} dropped unanswered and sent again", file=sys.stderr)
@@ -284,8 +289,9 @@ def median(values) -> float:
     return round(float(statistics.median(values)), 2)
 
 
-def start_all(starters: dict, only: set[str] | None, report: Report, args) -> list[Peer]:
-    """The servers that start, in `starters`' order; why the others were skipped goes in `report`."""
+def start_all(starters: dict, only: set[str] | None, report: Report, commands: dict[str, str]) -> list[Peer]:
+    """The servers that start, in `starters`' order; why the others were skipped goes in `report`.
+    `commands`: each peer's command, which must be installed."""
     peers = []
     try:
         for name, start in starters.items():
@@ -293,8 +299,7 @@ def start_all(starters: dict, only: set[str] | None, report: Report, args) -> li
                 continue
             if start is None:
                 report.skipped[name] = "no model given"
-            elif not ours(name) and shutil.which(
-                    args.vllm if name == "vllm" else args.llama_server) is None:
+            elif not ours(name) and shutil.which(commands[name]) is None:
                 report.skipped[name] = "not installed"
             else:
                 try:
@@ -349,7 +354,7 @@ def main() -> int:
         "llama.cpp": (lambda: start_llama(args.llama_server, args.llama_gguf, args.threads, max(levels), logs))
         if args.llama_gguf else None,
     }
-    peers = start_all(starters, only, report, args)
+    peers = start_all(starters, only, report, {"vllm": args.vllm, "llama.cpp": args.llama_server})
     if peers:
         report.rows += measure(peers, workload, levels, args.requests_per_client, args.rounds)
     print(markdown(report))
